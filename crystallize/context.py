@@ -1,0 +1,219 @@
+"""FrozenContext: the write-once configuration and metrics a run carries through its steps."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
+from typing import Any
+
+from .errors import ContextMutationError
+
+__all__ = ["ContextMetrics", "FrozenContext"]
+
+_MISSING: Any = type("Missing", (), {"__repr__": lambda self: "<missing>"})()
+_IMMUTABLE = (str, bytes, int, float, complex, bool, type(None), frozenset, range)
+
+
+def _owned(value: Any) -> Any:
+    """A copy of ``value`` that no outside reference can change.
+
+    Scalars and tuples of scalars are already immutable; plain containers are deep
+    copied; numpy arrays become read-only copies; other objects (models, clients)
+    are shared as they are, because copying them is rarely possible or wanted.
+    """
+    if isinstance(value, _IMMUTABLE):
+        return value
+    if isinstance(value, tuple) and all(isinstance(v, _IMMUTABLE) for v in value):
+        return value
+    if isinstance(value, (dict, list, set, tuple, bytearray)):
+        return copy.deepcopy(value)
+    if type(value).__module__ == "numpy" and type(value).__name__ == "ndarray":
+        frozen = value.copy()
+        frozen.setflags(write=False)
+        return frozen
+    return value
+
+
+def _handed_out(value: Any) -> Any:
+    """What a reader gets: mutable containers are copied so edits cannot leak back."""
+    if isinstance(value, (dict, list, set, bytearray)) or (
+        isinstance(value, tuple) and not all(isinstance(v, _IMMUTABLE) for v in value)
+    ):
+        return copy.deepcopy(value)
+    return value
+
+
+class _StepRecorder:
+    """What one step read from, added to and measured in a context."""
+
+    __slots__ = ("reads", "added", "metrics", "artifacts")
+
+    def __init__(self) -> None:
+        self.reads: dict[str, Any] = {}
+        self.added: list[tuple[str, Any]] = []
+        self.metrics: list[tuple[str, Any]] = []
+        self.artifacts: list[Any] = []
+
+
+class ContextMetrics:
+    """Named lists of measurements taken during one run.
+
+    Example:
+        >>> ctx = FrozenContext()
+        >>> ctx.metrics.add("loss", 0.5)
+        >>> ctx.metrics["loss"]
+        (0.5,)
+    """
+
+    __slots__ = ("_values", "_owner")
+
+    def __init__(self, owner: FrozenContext) -> None:
+        self._values: dict[str, list[Any]] = {}
+        self._owner = owner
+
+    def add(self, name: str, value: Any) -> None:
+        """Append ``value`` to the metric ``name`` (a list per name, one per call)."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"A metric name must be a non-empty string, got {name!r}.")
+        value = _owned(value)
+        self._values.setdefault(name, []).append(value)
+        recorder = self._owner._recorder
+        if recorder is not None:
+            recorder.metrics.append((name, value))
+
+    def as_dict(self) -> Mapping[str, tuple[Any, ...]]:
+        """A read-only snapshot: metric name -> tuple of values in the order added."""
+        return MappingProxyType({k: tuple(v) for k, v in self._values.items()})
+
+    def __getitem__(self, name: str) -> tuple[Any, ...]:
+        return tuple(self._values[name])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._values
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._values))
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"ContextMetrics({dict(self.as_dict())!r})"
+
+
+class FrozenContext:
+    """Write-once key/value configuration for one run, plus its metrics.
+
+    Keys can be added but never changed: a step or plugin that sets a key a second
+    time gets :class:`ContextMutationError`. Values handed out are copies of plain
+    containers and read-only numpy arrays, so editing what ``get`` returned cannot
+    change the context.
+
+    Args:
+        initial: the starting keys and values.
+        logger: the logger steps reach through ``ctx.logger``.
+
+    Example:
+        >>> ctx = FrozenContext({"factor": 2})
+        >>> ctx.add("offset", 1)
+        >>> ctx.get("factor"), ctx["offset"], ctx.get("absent", 0)
+        (2, 1, 0)
+    """
+
+    __slots__ = ("_data", "metrics", "logger", "_recorder", "provenance", "artifacts", "__weakref__")
+
+    def __init__(
+        self, initial: Mapping[str, Any] | None = None, *, logger: logging.Logger | None = None
+    ) -> None:
+        self._data: dict[str, Any] = {}
+        self._recorder: _StepRecorder | None = None
+        self.metrics = ContextMetrics(self)
+        self.logger = logger or logging.getLogger("crystallize")
+        #: One record per step run with this context, in order (see StepRecord).
+        self.provenance: list[Any] = []
+        #: Artifacts written during this run, waiting to be saved by the driver.
+        self.artifacts: list[Any] = []
+        for key, value in (initial or {}).items():
+            self._store(key, value)
+
+    # -- reading --------------------------------------------------------------
+    def get(self, key: str, default: Any = None) -> Any:
+        """Return the value for ``key``, or ``default`` when it is absent."""
+        value = self._data.get(key, _MISSING)
+        self._note_read(key, value)
+        return default if value is _MISSING else _handed_out(value)
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._data.get(key, _MISSING)
+        self._note_read(key, value)
+        if value is _MISSING:
+            raise KeyError(key)
+        return _handed_out(value)
+
+    def __contains__(self, key: object) -> bool:
+        value = self._data.get(key, _MISSING)  # type: ignore[call-overload]
+        self._note_read(key, value)  # type: ignore[arg-type]
+        return value is not _MISSING
+
+    def keys(self) -> list[str]:
+        """The keys present now, in insertion order."""
+        return list(self._data)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def as_dict(self) -> Mapping[str, Any]:
+        """A read-only snapshot of every key and value."""
+        return MappingProxyType({k: _handed_out(v) for k, v in self._data.items()})
+
+    # -- writing --------------------------------------------------------------
+    def add(self, key: str, value: Any) -> None:
+        """Add a new key. Raises :class:`ContextMutationError` if ``key`` exists."""
+        self._store(key, value)
+        recorder = self._recorder
+        if recorder is not None:
+            recorder.added.append((key, self._data[key]))
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key in self._data:
+            raise ContextMutationError(key)
+        raise ContextMutationError(
+            key,
+            f"FrozenContext does not support item assignment (ctx[{key!r}] = ...). "
+            f"Use ctx.add({key!r}, value) to add a new key.",
+        )
+
+    def __delitem__(self, key: str) -> None:
+        raise ContextMutationError(key, f"Context keys cannot be deleted (tried {key!r}).")
+
+    def _store(self, key: str, value: Any) -> None:
+        if not isinstance(key, str):
+            raise TypeError(f"Context keys must be strings, got {key!r}.")
+        if key in self._data:
+            raise ContextMutationError(key)
+        self._data[key] = _owned(value)
+
+    # -- recording (used by Pipeline) -----------------------------------------
+    def _note_read(self, key: str, value: Any) -> None:
+        recorder = self._recorder
+        if recorder is not None and key not in recorder.reads:
+            recorder.reads[key] = value
+
+    def _replay_artifact(self, artifact: Any) -> None:
+        """Keep an artifact written (or replayed from the cache) during this run."""
+        self.artifacts.append(artifact)
+        recorder = self._recorder
+        if recorder is not None:
+            recorder.artifacts.append(artifact)
+
+    def _peek(self, key: str) -> Any:
+        """The stored value or the missing sentinel, without recording a read."""
+        return self._data.get(key, _MISSING)
+
+    def __repr__(self) -> str:
+        return f"FrozenContext({dict(self._data)!r})"

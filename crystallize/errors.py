@@ -1,0 +1,104 @@
+"""The exceptions crystallize raises, all under one root.
+
+::
+
+    CrystallizeError
+    ├── ContextMutationError      a run tried to change a context key it already has
+    ├── ParameterError            a step's parameters are wrong
+    │   ├── UnknownParameterError     (also a TypeError) a name the step does not take
+    │   └── MissingParameterError     no explicit value, no ctx value, no default
+    ├── PipelineError             a pipeline cannot be built or run as asked
+    ├── StepError                 a step raised; the original is ``__cause__``
+    ├── SerializationError        a step or experiment cannot be shipped to a worker
+    ├── ValidationError           an experiment is structurally wrong
+    └── ArtifactError             an artifact name is unsafe or cannot be written
+
+Every message says what went wrong, where (step, replicate, condition when known)
+and what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ArtifactError",
+    "ContextMutationError",
+    "CrystallizeError",
+    "MissingParameterError",
+    "ParameterError",
+    "PipelineError",
+    "SerializationError",
+    "StepError",
+    "UnknownParameterError",
+    "ValidationError",
+]
+
+
+class CrystallizeError(Exception):
+    """Root of every error crystallize raises on purpose."""
+
+
+class ContextMutationError(CrystallizeError):
+    """A key already in a :class:`FrozenContext` was set again.
+
+    Attributes:
+        key: the key that was written twice.
+    """
+
+    def __init__(self, key: str, message: str | None = None) -> None:
+        self.key = key
+        super().__init__(
+            message
+            or f"Context key {key!r} is already set and a context never changes a key. "
+            f"Add a new key with ctx.add(...) under another name, or set {key!r} "
+            f"per condition with a Treatment."
+        )
+
+
+class ParameterError(CrystallizeError):
+    """A step's parameters do not match its signature or the context."""
+
+
+class UnknownParameterError(ParameterError, TypeError):
+    """A step was given a parameter its function does not take."""
+
+
+class MissingParameterError(ParameterError):
+    """A required step parameter was neither given, nor in ctx, nor defaulted."""
+
+
+class PipelineError(CrystallizeError):
+    """A pipeline was built from something that is not a step, or run the wrong way."""
+
+
+class StepError(CrystallizeError):
+    """A step raised while it ran. The step's own exception is ``__cause__``.
+
+    Attributes:
+        step: the step's name.
+        index: the step's position in its pipeline.
+    """
+
+    def __init__(self, step: str, index: int, cause: BaseException) -> None:
+        self.step = step
+        self.index = index
+        super().__init__(
+            f"Step {step!r} (position {index} in the pipeline) raised "
+            f"{type(cause).__name__}: {cause}"
+        )
+
+
+class SerializationError(CrystallizeError):
+    """A step or experiment could not be pickled for another process or Ray."""
+
+
+class ValidationError(CrystallizeError):
+    """An experiment is structurally wrong; ``problems`` lists every finding."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"The experiment has {len(self.problems)} problem(s):\n{lines}")
+
+
+class ArtifactError(CrystallizeError):
+    """An artifact name would escape the artifact root, or writing it failed."""

@@ -1,0 +1,264 @@
+"""Pipeline steps: the ``PipelineStep`` base class and the ``@pipeline_step`` decorator.
+
+A step is a callable ``step(data, ctx) -> data``. Function steps declare their
+configuration as keyword parameters; each one is filled, in this order of
+precedence, from the value given when the step was built, the run's context, or the
+function's default.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .context import _MISSING, FrozenContext
+from .errors import MissingParameterError, UnknownParameterError
+from .fingerprint import code_fingerprint
+
+__all__ = ["PipelineStep", "pipeline_step"]
+
+
+class PipelineStep:
+    """Base class for steps; subclass it for steps that hold heavy resources.
+
+    Override ``__call__(data, ctx)``; optionally ``params`` (what identifies this
+    instance's configuration, part of its cache key), ``setup(ctx)`` and
+    ``teardown(ctx)``. Set the class attribute ``cacheable = True`` when outputs may
+    be reused, ``version = "..."`` to key the cache on a label instead of the code,
+    and ``heavy = True`` to have distributed backends build the step once per worker
+    process instead of shipping it.
+
+    Example:
+        >>> class AddOne(PipelineStep):
+        ...     def __call__(self, data, ctx):
+        ...         return data + 1
+        >>> AddOne()(1, FrozenContext())
+        2
+    """
+
+    cacheable: bool = False
+    heavy: bool = False
+    version: str | None = None
+
+    def __call__(self, data: Any, ctx: FrozenContext) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must define __call__(self, data, ctx).")
+
+    @property
+    def params(self) -> Mapping[str, Any]:
+        """The configuration that identifies this step instance (for cache keys)."""
+        return {}
+
+    @property
+    def name(self) -> str:
+        """A readable name for messages and provenance."""
+        return type(self).__name__
+
+    def setup(self, ctx: FrozenContext) -> None:
+        """Called once per experiment run, where the step lives, before any replicate."""
+
+    def teardown(self, ctx: FrozenContext) -> None:
+        """Called once per experiment run, where the step lives, after the last replicate."""
+
+    # -- what the pipeline asks of every step ---------------------------------
+    def resolve_params(self, ctx: FrozenContext) -> dict[str, Any]:
+        """The parameters this step runs with in ``ctx`` (for classes: ``params``)."""
+        return dict(self.params)
+
+    def cache_identity(self) -> tuple[str, str]:
+        """``(identity, code)`` for the cache key; ``version`` replaces the code."""
+        target = self._code_target()
+        identity = f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', self.name)}"
+        if self.version is not None:
+            return identity, f"version:{self.version}"
+        cached = self.__dict__.get("_crystallize_code")
+        if cached is None:
+            cached = code_fingerprint(target)
+            self.__dict__["_crystallize_code"] = cached
+        return identity, cached
+
+    def is_async(self) -> bool:
+        """Whether calling the step returns an awaitable."""
+        return inspect.iscoroutinefunction(type(self).__call__)
+
+    def _code_target(self) -> Any:
+        return type(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_crystallize_code", None)
+        return state
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in dict(self.params).items())
+        return f"{self.name}({params})"
+
+
+class _Signature:
+    """What a step function accepts, read once at decoration time."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        sig = inspect.signature(fn)
+        params = list(sig.parameters.values())
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        if not params or params[0].kind not in positional:
+            raise TypeError(
+                f"@pipeline_step function {fn.__qualname__!r} must take the data as its "
+                f"first positional parameter, e.g. def {fn.__name__}(data, ctx, *, param=1)."
+            )
+        self.wants_ctx = any(p.name == "ctx" for p in params[1:])
+        self.accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+        self.defaults: dict[str, Any] = {}
+        self.names: list[str] = []
+        for p in params[1:]:
+            if p.name == "ctx" or p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+                continue
+            if p.kind is inspect.Parameter.POSITIONAL_ONLY:
+                raise TypeError(
+                    f"@pipeline_step function {fn.__qualname__!r}: parameter {p.name!r} is "
+                    f"positional-only; step parameters must be passable by keyword."
+                )
+            self.names.append(p.name)
+            if p.default is not inspect.Parameter.empty:
+                self.defaults[p.name] = p.default
+
+
+class FunctionStep(PipelineStep):
+    """A step built by a ``@pipeline_step`` factory: the function plus explicit params."""
+
+    def __init__(
+        self,
+        factory: Callable[..., FunctionStep],
+        fn: Callable[..., Any],
+        signature: _Signature,
+        explicit: dict[str, Any],
+        cacheable: bool,
+        version: str | None,
+    ) -> None:
+        self._factory = factory
+        self.fn = fn
+        self._signature = signature
+        self._explicit = dict(explicit)
+        self.cacheable = cacheable
+        self.version = version
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+    @property
+    def params(self) -> Mapping[str, Any]:
+        """The parameters given explicitly when the step was built."""
+        return dict(self._explicit)
+
+    def resolve_params(self, ctx: FrozenContext) -> dict[str, Any]:
+        """Fill every parameter: explicit value > value in ``ctx`` > default.
+
+        Raises:
+            MissingParameterError: a parameter has no explicit value, no ctx value and
+                no default.
+        """
+        resolved = dict(self._explicit)
+        for pname in self._signature.names:
+            if pname in resolved:
+                continue
+            value = ctx._peek(pname)
+            if value is not _MISSING:
+                resolved[pname] = value
+            elif pname in self._signature.defaults:
+                resolved[pname] = self._signature.defaults[pname]
+            else:
+                raise MissingParameterError(
+                    f"Step {self.name!r} needs parameter {pname!r}, but it was not given "
+                    f"when the step was built, is not in the context, and has no default. "
+                    f"Pass it explicitly ({self.name}({pname}=...)), add it to the "
+                    f"experiment's initial_ctx or a treatment, or give it a default."
+                )
+        return resolved
+
+    def injected(self, ctx: FrozenContext) -> dict[str, Any]:
+        """The resolved parameters that did not come from explicit values."""
+        resolved = self.resolve_params(ctx)
+        return {k: v for k, v in resolved.items() if k not in self._explicit}
+
+    def __call__(self, data: Any, ctx: FrozenContext) -> Any:
+        return self.call_resolved(data, ctx, self.resolve_params(ctx))
+
+    def call_resolved(self, data: Any, ctx: FrozenContext, params: dict[str, Any]) -> Any:
+        """Call the function with parameters already filled by :meth:`resolve_params`."""
+        if self._signature.wants_ctx:
+            return self.fn(data, ctx=ctx, **params)
+        return self.fn(data, **params)
+
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.fn)
+
+    def _code_target(self) -> Any:
+        return self.fn
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Ship the recipe (factory + explicit params), never the wrapped function by
+        # name: the module attribute with the function's name is the factory.
+        return (_rebuild_step, (self._factory, self._explicit))
+
+
+def _rebuild_step(factory: Callable[..., FunctionStep], explicit: dict[str, Any]) -> FunctionStep:
+    return factory(**explicit)
+
+
+def pipeline_step(
+    fn: Callable[..., Any] | None = None, *, cacheable: bool = False, version: str | None = None
+) -> Any:
+    """Turn a function ``fn(data, ctx, *, params...)`` into a step factory.
+
+    Calling the factory with keyword parameters returns a :class:`PipelineStep`.
+    ``ctx`` is optional in the signature; async functions are awaited.
+
+    Args:
+        cacheable: store outputs in the step cache and reuse them when the code,
+            parameters (explicit and injected), context values read and input match.
+        version: a label that replaces the code fingerprint in the cache key.
+
+    Raises:
+        UnknownParameterError: (a ``TypeError``) when the factory is given a name the
+            function does not take.
+
+    Example:
+        >>> @pipeline_step()
+        ... def scale(data, *, factor=1.0):
+        ...     return [x * factor for x in data]
+        >>> scale(factor=2.0)([1, 2], FrozenContext())
+        [2.0, 4.0]
+    """
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., FunctionStep]:
+        signature = _Signature(func)
+
+        @functools.wraps(func)
+        def factory(**params: Any) -> FunctionStep:
+            unknown = [k for k in params if k not in signature.names]
+            if unknown and not signature.accepts_any:
+                valid = ", ".join(signature.names) or "(none)"
+                raise UnknownParameterError(
+                    f"Step {func.__name__!r} got unknown parameter(s) "
+                    f"{', '.join(map(repr, unknown))}; its parameters are: {valid}."
+                )
+            return FunctionStep(factory, func, signature, params, cacheable, version)
+
+        factory.__crystallize_function__ = func  # type: ignore[attr-defined]
+        factory.__crystallize_factory__ = True  # type: ignore[attr-defined]
+        return factory
+
+    if fn is not None:
+        if not callable(fn):
+            raise TypeError("pipeline_step takes keyword options only: @pipeline_step(cacheable=True).")
+        return decorate(fn)
+    return decorate
+
+
+def is_step_factory(obj: Any) -> bool:
+    """Whether ``obj`` is a ``@pipeline_step`` factory or a ``functools.partial`` of one."""
+    if isinstance(obj, functools.partial):
+        return is_step_factory(obj.func)
+    return bool(getattr(obj, "__crystallize_factory__", False))
