@@ -1,7 +1,12 @@
-"""crystallize: reproducible experiments from small, cacheable pipeline steps."""
+"""crystallize: reproducible experiments from small, cacheable pipeline steps.
 
+The public face: everything a user needs is importable from here.
+"""
+
+from .artifacts import Artifact, ArtifactPlugin
 from .cache import CacheEntry, StepCache
 from .context import ContextMetrics, FrozenContext
+from .datasource import DataSource, data_source
 from .errors import (
     ArtifactError,
     ContextMutationError,
@@ -14,35 +19,83 @@ from .errors import (
     UnknownParameterError,
     ValidationError,
 )
+from .execution import AsyncExecution, ExecutionBackend, SerialExecution
+from .experiment import Experiment
 from .hashing import CACHE_FORMAT_VERSION, hash_value
+from .hypotheses import Hypothesis, HypothesisResult, Verifier, hypothesis, verifier
+from .parallel import ParallelExecution
 from .pipeline import Pipeline
+from .plugins import BasePlugin, LoggingPlugin, SeedPlugin
 from .provenance import StepRecord
+from .result import (
+    ArtifactRecord,
+    ExperimentMetrics,
+    Result,
+    RunError,
+    RunResult,
+    TreatmentMetrics,
+)
+from .runner import RunSpec, aexecute_run, execute_run, steps_set_up
+from .serialization import deserialize_experiment, serialize_experiment
 from .steps import PipelineStep, pipeline_step
 from .stores import CacheStore, LocalCacheStore
+from .treatments import BASELINE, Treatment, treatment
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CACHE_FORMAT_VERSION",
+    "Artifact",
     "ArtifactError",
+    "ArtifactPlugin",
+    "ArtifactRecord",
+    "AsyncExecution",
+    "BASELINE",
+    "BasePlugin",
+    "CACHE_FORMAT_VERSION",
     "CacheEntry",
     "CacheStore",
     "ContextMetrics",
     "ContextMutationError",
     "CrystallizeError",
+    "DataSource",
+    "ExecutionBackend",
+    "Experiment",
+    "ExperimentMetrics",
     "FrozenContext",
+    "Hypothesis",
+    "HypothesisResult",
     "LocalCacheStore",
+    "LoggingPlugin",
     "MissingParameterError",
+    "ParallelExecution",
     "ParameterError",
     "Pipeline",
     "PipelineError",
     "PipelineStep",
+    "Result",
+    "RunError",
+    "RunResult",
+    "RunSpec",
+    "SeedPlugin",
+    "SerialExecution",
     "SerializationError",
     "StepCache",
     "StepError",
     "StepRecord",
+    "Treatment",
+    "TreatmentMetrics",
     "UnknownParameterError",
     "ValidationError",
+    "Verifier",
+    "aexecute_run",
+    "data_source",
+    "deserialize_experiment",
+    "execute_run",
     "hash_value",
+    "hypothesis",
     "pipeline_step",
+    "serialize_experiment",
+    "steps_set_up",
+    "treatment",
+    "verifier",
 ]

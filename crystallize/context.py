@@ -5,12 +5,21 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from types import MappingProxyType
 from typing import Any
 
 from .errors import ContextMutationError
 
-__all__ = ["ContextMetrics", "FrozenContext"]
+__all__ = ["ContextMetrics", "FrozenContext", "active_context"]
+
+# The context of the run executing in this thread or task (for Artifact.write).
+_ACTIVE: ContextVar[FrozenContext | None] = ContextVar("crystallize_active_context", default=None)
+
+
+def active_context() -> FrozenContext | None:
+    """The context of the step running in this thread or asyncio task, if any."""
+    return _ACTIVE.get()
 
 _MISSING: Any = type("Missing", (), {"__repr__": lambda self: "<missing>"})()
 _IMMUTABLE = (str, bytes, int, float, complex, bool, type(None), frozenset, range)
@@ -122,13 +131,17 @@ class FrozenContext:
         (2, 1, 0)
     """
 
-    __slots__ = ("_data", "metrics", "logger", "_recorder", "provenance", "artifacts", "__weakref__")
+    __slots__ = (
+        "_data", "metrics", "logger", "_recorder", "provenance", "artifacts", "_overridable",
+        "__weakref__",
+    )
 
     def __init__(
         self, initial: Mapping[str, Any] | None = None, *, logger: logging.Logger | None = None
     ) -> None:
         self._data: dict[str, Any] = {}
         self._recorder: _StepRecorder | None = None
+        self._overridable: frozenset[str] = frozenset()
         self.metrics = ContextMetrics(self)
         self.logger = logger or logging.getLogger("crystallize")
         #: One record per step run with this context, in order (see StepRecord).
@@ -195,7 +208,9 @@ class FrozenContext:
         if not isinstance(key, str):
             raise TypeError(f"Context keys must be strings, got {key!r}.")
         if key in self._data:
-            raise ContextMutationError(key)
+            if key not in self._overridable:
+                raise ContextMutationError(key)
+            self._overridable = self._overridable - {key}
         self._data[key] = _owned(value)
 
     # -- recording (used by Pipeline) -----------------------------------------

@@ -1,22 +1,21 @@
 """Pipeline: an ordered list of steps run over one piece of data and one context.
 
 The step loop is written once, as a generator that yields each awaitable a step
-returns. ``run`` drives it synchronously (opening an event loop only if a step is
-async) and ``arun`` drives it inside the caller's loop, so both paths share every
-rule about caching, metrics and provenance.
+returns (see ``_drive.py``): ``run`` and ``arun`` share every rule about caching,
+metrics and provenance.
 """
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Generator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ._drive import Loop, adrive, drive, loop_error, loop_running
 from .cache import CacheEntry, StepCache, read_digests
-from .context import FrozenContext, _StepRecorder
+from .context import _ACTIVE, FrozenContext, _StepRecorder
 from .errors import ParameterError, PipelineError, StepError
 from .hashing import hash_struct, hash_value
 from .provenance import StepRecord
@@ -26,8 +25,6 @@ from .stores import CacheStore, default_cache_store
 __all__ = ["Pipeline"]
 
 log = logging.getLogger("crystallize.pipeline")
-
-_StepLoop = Generator[Awaitable[Any], Any, Any]
 
 
 class Pipeline:
@@ -90,59 +87,31 @@ class Pipeline:
             MissingParameterError: a step parameter could not be filled.
             PipelineError: called inside a running event loop with async steps.
         """
-        if self.is_async and _loop_running():
-            raise _loop_error()
-        loop_steps = self._loop(data, _context(ctx), cache)
-        event_loop: asyncio.AbstractEventLoop | None = None
-        send: Any = None
-        error: BaseException | None = None
-        try:
-            while True:
-                try:
-                    pending = loop_steps.throw(error) if error else loop_steps.send(send)
-                except StopIteration as done:
-                    return done.value
-                if event_loop is None:
-                    if _loop_running():
-                        raise _loop_error()
-                    event_loop = asyncio.new_event_loop()
-                try:
-                    send, error = event_loop.run_until_complete(_await(pending)), None
-                except Exception as exc:
-                    send, error = None, exc
-        finally:
-            loop_steps.close()
-            if event_loop is not None:
-                event_loop.close()
+        if self.is_async and loop_running():
+            raise loop_error()
+        return drive(self._loop(data, _context(ctx), cache))
 
     async def arun(
         self, data: Any, ctx: FrozenContext | None = None, *, cache: CacheStore | bool | None = None
     ) -> Any:
         """Like :meth:`run`, awaiting async steps in the running event loop."""
-        loop_steps = self._loop(data, _context(ctx), cache)
-        send: Any = None
-        error: BaseException | None = None
-        try:
-            while True:
-                try:
-                    pending = loop_steps.throw(error) if error else loop_steps.send(send)
-                except StopIteration as done:
-                    return done.value
-                try:
-                    send, error = await pending, None
-                except Exception as exc:
-                    send, error = None, exc
-        finally:
-            loop_steps.close()
+        return await adrive(self._loop(data, _context(ctx), cache))
 
     # -- the one step loop ----------------------------------------------------
-    def _loop(self, data: Any, ctx: FrozenContext, cache: CacheStore | bool | None) -> _StepLoop:
+    def _loop(self, data: Any, ctx: FrozenContext, cache: CacheStore | bool | None) -> Loop:
         step_cache = None
         if cache is not False and any(step.cacheable for step in self.steps):
             store = default_cache_store() if cache is None or cache is True else cache
             step_cache = StepCache(store)
-        for index, step in enumerate(self.steps):
-            data = yield from _run_step(index, step, data, ctx, step_cache)
+        token = _ACTIVE.set(ctx)
+        try:
+            for index, step in enumerate(self.steps):
+                data = yield from _run_step(index, step, data, ctx, step_cache)
+        finally:
+            try:
+                _ACTIVE.reset(token)
+            except ValueError:  # closed from another context (garbage collection)
+                pass
         return data
 
     def __repr__(self) -> str:
@@ -151,7 +120,7 @@ class Pipeline:
 
 def _run_step(
     index: int, step: PipelineStep, data: Any, ctx: FrozenContext, cache: StepCache | None
-) -> _StepLoop:
+) -> Loop:
     started = time.perf_counter()
     recorder = _StepRecorder()
     ctx._recorder = recorder
@@ -287,22 +256,3 @@ def _context(ctx: FrozenContext | None) -> FrozenContext:
     if not isinstance(ctx, FrozenContext):
         raise TypeError(f"ctx must be a FrozenContext, got {type(ctx).__name__}.")
     return ctx
-
-
-def _loop_running() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
-def _loop_error() -> PipelineError:
-    return PipelineError(
-        "Pipeline.run() was called inside a running event loop and the pipeline has "
-        "async steps. Use `await pipeline.arun(data, ctx)` instead."
-    )
-
-
-async def _await(pending: Awaitable[Any]) -> Any:
-    return await pending

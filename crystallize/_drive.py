@@ -1,0 +1,82 @@
+"""Drive a step loop: a generator that yields the awaitables it needs resolved.
+
+Writing the run logic once as such a generator lets the same code run synchronously
+(an event loop is opened only when something is actually async) and inside a caller's
+event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Generator
+from typing import Any
+
+from .errors import PipelineError
+
+Loop = Generator[Awaitable[Any], Any, Any]
+
+__all__ = ["Loop", "adrive", "drive", "loop_running"]
+
+
+def drive(loop: Loop) -> Any:
+    """Run ``loop`` to completion in this thread and return its value."""
+    event_loop: asyncio.AbstractEventLoop | None = None
+    send: Any = None
+    error: BaseException | None = None
+    try:
+        while True:
+            try:
+                pending = loop.throw(error) if error else loop.send(send)
+            except StopIteration as done:
+                return done.value
+            if event_loop is None:
+                if loop_running():
+                    raise loop_error()
+                event_loop = asyncio.new_event_loop()
+            try:
+                send, error = event_loop.run_until_complete(_await(pending)), None
+            except Exception as exc:
+                send, error = None, exc
+    finally:
+        loop.close()
+        if event_loop is not None:
+            event_loop.close()
+
+
+async def adrive(loop: Loop) -> Any:
+    """Run ``loop`` to completion in the running event loop and return its value."""
+    send: Any = None
+    error: BaseException | None = None
+    try:
+        while True:
+            try:
+                pending = loop.throw(error) if error else loop.send(send)
+            except StopIteration as done:
+                return done.value
+            try:
+                send, error = await pending, None
+            except Exception as exc:
+                send, error = None, exc
+    finally:
+        loop.close()
+
+
+def loop_running() -> bool:
+    """Whether this thread is inside a running asyncio event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def loop_error() -> PipelineError:
+    return PipelineError(
+        "A synchronous run() was called inside a running event loop and the work has "
+        "async steps. Use `await pipeline.arun(data, ctx)` or "
+        "`await experiment.arun(...)` instead."
+    )
+
+
+async def _await(pending: Awaitable[Any]) -> Any:
+    return await pending

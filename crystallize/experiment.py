@@ -1,0 +1,281 @@
+"""Experiment: a datasource and a pipeline, run over replicates × conditions."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from ._drive import loop_running
+from .context import FrozenContext
+from .datasource import DataSource
+from .errors import PipelineError, ValidationError
+from .execution import AsyncExecution, ExecutionBackend, SerialExecution
+from .hypotheses import Hypothesis
+from .pipeline import Pipeline
+from .plugins import BasePlugin, check_plugin
+from .progress import Progress
+from .result import Result, RunResult
+from .runner import RunSpec
+from .stores import CacheStore
+from .treatments import BASELINE, Treatment
+
+__all__ = ["Experiment"]
+
+log = logging.getLogger("crystallize.experiment")
+
+_RESERVED = ("replicate", "condition")
+
+
+class Experiment:
+    """A datasource and a pipeline, run for every replicate of every condition.
+
+    Args:
+        datasource: a callable ``f(ctx) -> data`` (a lambda works) or a
+            :class:`DataSource`; may be async.
+        pipeline: a :class:`Pipeline`, or a list of steps to build one.
+        plugins: plugins, including at most one execution backend (default
+            :class:`SerialExecution`).
+        treatments: the conditions compared against the baseline.
+        hypotheses: evaluated on the aggregated metrics after all runs.
+        replicates: how many replicates ``run()`` executes by default.
+        name: used in logs, artifact folders and task names.
+        initial_ctx: the baseline's configuration, added to every run's context;
+            a treatment may override these keys for its own condition.
+        cache: the store for cacheable steps (``None``: ``./.cache`` or
+            ``$CRYSTALLIZE_CACHE_DIR``; ``False``: no caching).
+
+    Example:
+        >>> exp = Experiment(datasource=lambda ctx: [1, 2, 3],
+        ...                  pipeline=Pipeline([...]))           # doctest: +SKIP
+        >>> exp.run(replicates=3).metrics.baseline.metrics       # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        datasource: Callable[[FrozenContext], Any] | DataSource,
+        pipeline: Pipeline | Sequence[Any],
+        plugins: Sequence[BasePlugin] | None = None,
+        *,
+        treatments: Sequence[Treatment] | None = None,
+        hypotheses: Sequence[Hypothesis] | None = None,
+        replicates: int = 1,
+        name: str | None = None,
+        initial_ctx: Mapping[str, Any] | None = None,
+        cache: CacheStore | bool | None = None,
+    ) -> None:
+        if getattr(datasource, "__crystallize_function__", None) and not isinstance(datasource, DataSource):
+            datasource = datasource()  # a bare @data_source factory
+        if not isinstance(pipeline, Pipeline) and isinstance(pipeline, (list, tuple)):
+            pipeline = Pipeline(pipeline)
+        self.datasource = datasource
+        self.pipeline = pipeline
+        self.plugins = list(plugins or [])
+        self.treatments = list(treatments or [])
+        self.hypotheses = list(hypotheses or [])
+        self.replicates = replicates
+        self.name = name or _default_name(datasource)
+        self.initial_ctx = dict(initial_ctx or {})
+        self.cache = cache
+
+    # -- checks ---------------------------------------------------------------
+    def validate(self) -> None:
+        """Check the experiment's structure; report every problem at once.
+
+        Raises:
+            ValidationError: listing each problem with what to do about it.
+        """
+        problems = list(self._problems(self.treatments, self.hypotheses, self.replicates))
+        if problems:
+            raise ValidationError(problems)
+
+    def _problems(self, treatments: Sequence[Any], hypotheses: Sequence[Any], replicates: Any) -> list[str]:
+        problems = []
+        if not callable(self.datasource):
+            problems.append(
+                f"datasource must be a callable f(ctx) or a DataSource, got {type(self.datasource).__name__}."
+            )
+        if not isinstance(self.pipeline, Pipeline):
+            problems.append(f"pipeline must be a Pipeline, got {type(self.pipeline).__name__}.")
+        for plugin in self.plugins:
+            problems.extend(check_plugin(plugin))
+        backends = [p for p in self.plugins if isinstance(p, ExecutionBackend)]
+        if len(backends) > 1:
+            names = ", ".join(type(b).__name__ for b in backends)
+            problems.append(f"plugins hold {len(backends)} execution backends ({names}); keep one.")
+        if not isinstance(replicates, int) or isinstance(replicates, bool) or replicates < 1:
+            problems.append(f"replicates must be a positive integer, got {replicates!r}.")
+        seen: set[str] = set()
+        for t in treatments:
+            if not isinstance(t, Treatment):
+                problems.append(f"treatments must be Treatment objects, got {t!r}; use Treatment(name, {{...}}).")
+                continue
+            if t.name == BASELINE:
+                problems.append(f"a treatment cannot be named {BASELINE!r}; that name is the untreated condition.")
+            if t.name in seen:
+                problems.append(f"two treatments are named {t.name!r}; names must be unique.")
+            seen.add(t.name)
+            if t.mapping is not None:
+                bad = [k for k in t.mapping if k in _RESERVED]
+                if bad:
+                    problems.append(f"treatment {t.name!r} sets reserved key(s) {bad}; they are set per run.")
+        names: set[str] = set()
+        for h in hypotheses:
+            if not isinstance(h, Hypothesis):
+                problems.append(f"hypotheses must be Hypothesis objects, got {h!r}; use @hypothesis(...).")
+                continue
+            if h.name in names:
+                problems.append(f"two hypotheses are named {h.name!r}; give each a name=.")
+            names.add(h.name)
+        bad_keys = [k for k in self.initial_ctx if k in _RESERVED or not isinstance(k, str)]
+        if bad_keys:
+            problems.append(f"initial_ctx has reserved or non-string key(s) {bad_keys}.")
+        return problems
+
+    # -- what runs see --------------------------------------------------------
+    @property
+    def backend(self) -> ExecutionBackend:
+        """The execution backend among the plugins, or a SerialExecution."""
+        return next((p for p in self.plugins if isinstance(p, ExecutionBackend)), SerialExecution())
+
+    @property
+    def conditions(self) -> list[str]:
+        """``"baseline"`` followed by the treatment names."""
+        return [BASELINE] + [t.name for t in self.treatments]
+
+    def treatment_for(self, condition: str) -> Treatment | None:
+        """The treatment of a condition (``None`` for the baseline)."""
+        if condition == BASELINE:
+            return None
+        for t in self.treatments:
+            if t.name == condition:
+                return t
+        raise KeyError(f"Experiment {self.name!r} has no condition {condition!r}; it has {self.conditions}.")
+
+    def new_context(self, replicate: int, condition: str) -> FrozenContext:
+        """A run's fresh context: initial_ctx (overridable by the treatment) + ids."""
+        ctx = FrozenContext({**self.initial_ctx, "replicate": replicate, "condition": condition})
+        ctx._overridable = frozenset(self.initial_ctx)
+        return ctx
+
+    # -- running --------------------------------------------------------------
+    def run(
+        self,
+        replicates: int | None = None,
+        treatments: Sequence[Treatment] | None = None,
+        hypotheses: Sequence[Hypothesis] | None = None,
+    ) -> Result:
+        """Run every replicate of the baseline and each treatment; aggregate.
+
+        A run that fails is recorded in ``result.errors``; the others finish.
+
+        Args:
+            replicates: overrides the experiment's ``replicates`` for this call.
+            treatments: overrides the experiment's treatments for this call.
+            hypotheses: overrides the experiment's hypotheses for this call.
+
+        Raises:
+            ValidationError: the experiment is structurally wrong.
+            SerializationError: a process/Ray backend cannot ship the experiment.
+        """
+        job, plan = self._prepare(replicates, treatments, hypotheses)
+        if isinstance(job.backend, AsyncExecution) and loop_running():
+            raise PipelineError("Experiment.run() with AsyncExecution inside a running event loop: "
+                                "use `await experiment.arun(...)`.")
+        collected: list[RunResult] = []
+        progress = Progress(len(plan), enabled=job.backend.progress, label=f"crystallize {job.name}")
+        started = time.time()
+        try:
+            for run in job.backend.execute(job, plan):
+                job._receive(run, collected, progress)
+        except BaseException as exc:
+            exc.partial_result = job._finish(collected, started, evaluate=False)  # type: ignore[attr-defined]
+            raise
+        finally:
+            progress.close()
+        return job._finish(collected, started)
+
+    async def arun(
+        self,
+        replicates: int | None = None,
+        treatments: Sequence[Treatment] | None = None,
+        hypotheses: Sequence[Hypothesis] | None = None,
+    ) -> Result:
+        """Async form of :meth:`run`: use it inside an event loop."""
+        job, plan = self._prepare(replicates, treatments, hypotheses)
+        collected: list[RunResult] = []
+        progress = Progress(len(plan), enabled=job.backend.progress, label=f"crystallize {job.name}")
+        started = time.time()
+        try:
+            async for run in job.backend.aexecute(job, plan):
+                job._receive(run, collected, progress)
+        except BaseException as exc:
+            exc.partial_result = job._finish(collected, started, evaluate=False)  # type: ignore[attr-defined]
+            raise
+        finally:
+            progress.close()
+        return job._finish(collected, started)
+
+    def _prepare(
+        self, replicates: int | None, treatments: Sequence[Treatment] | None, hypotheses: Sequence[Hypothesis] | None
+    ) -> tuple[Experiment, list[RunSpec]]:
+        job = copy.copy(self)  # this call's configuration; self stays reusable
+        job.replicates = self.replicates if replicates is None else replicates
+        job.treatments = list(self.treatments if treatments is None else treatments)
+        job.hypotheses = list(self.hypotheses if hypotheses is None else hypotheses)
+        problems = job._problems(job.treatments, job.hypotheses, job.replicates)
+        if job.hypotheses and not job.treatments:
+            problems.append("hypotheses compare treatments with the baseline, but there are no treatments.")
+        if problems:
+            raise ValidationError(problems)
+        for plugin in job.plugins:
+            plugin.before_run(job)
+        plan = [RunSpec(r, c) for r in range(job.replicates) for c in job.conditions]
+        return job, plan
+
+    def _receive(self, run: RunResult, collected: list[RunResult], progress: Progress) -> None:
+        collected.append(run)
+        for plugin in self.plugins:
+            try:
+                plugin.on_run_result(self, run)
+            except Exception:
+                log.exception("Plugin %s.on_run_result failed for replicate %d, condition %r; "
+                              "the run's result is kept.", type(plugin).__name__, run.replicate, run.condition)
+        progress.update(failed=run.error is not None)
+
+    def _finish(self, collected: list[RunResult], started: float, *, evaluate: bool = True) -> Result:
+        seed_plugin = next((p for p in self.plugins if hasattr(p, "base_seed")), None)
+        provenance = {
+            "name": self.name,
+            "replicates": self.replicates,
+            "conditions": self.conditions,
+            "backend": type(self.backend).__name__,
+            "seed": getattr(seed_plugin, "base_seed", None),
+            "started": started,
+            "seconds": time.time() - started,
+            "complete": evaluate,
+        }
+        result = Result(collected, self.conditions, provenance=provenance)
+        if evaluate:
+            treated = {n: tm.metrics for n, tm in result.metrics.treatments.items()}
+            result.metrics.hypotheses = [
+                h.evaluate(result.metrics.baseline.metrics, treated) for h in self.hypotheses
+            ]
+            for plugin in self.plugins:
+                plugin.after_run(self, result)
+        return result
+
+    def __repr__(self) -> str:
+        return (f"Experiment(name={self.name!r}, steps={len(self.pipeline.steps) if isinstance(self.pipeline, Pipeline) else '?'}, "
+                f"treatments={[t.name for t in self.treatments]}, replicates={self.replicates})")
+
+
+def _default_name(datasource: Any) -> str:
+    name = getattr(datasource, "name", None) or getattr(datasource, "__name__", None)
+    if not isinstance(name, str) or name == "<lambda>" or not name.isidentifier():
+        module = inspect.getmodule(datasource)
+        return "experiment" if module is None or module.__name__ == "__main__" else module.__name__.rsplit(".", 1)[-1]
+    return name

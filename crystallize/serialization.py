@@ -1,0 +1,83 @@
+"""Shipping an experiment to other processes: serialize once, and explain failures.
+
+An experiment that cannot be pickled must fail before any work is submitted, with a
+message that names the step (or datasource, treatment, plugin) and the attribute
+that holds the unpicklable object.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import TYPE_CHECKING, Any
+
+import cloudpickle
+
+from .errors import SerializationError
+
+if TYPE_CHECKING:
+    from .experiment import Experiment
+
+__all__ = ["deserialize_experiment", "serialize_experiment"]
+
+
+def serialize_experiment(experiment: Experiment, *, backend: str = "process/Ray") -> bytes:
+    """Pickle ``experiment`` with cloudpickle, once, for shipping to workers.
+
+    Raises:
+        SerializationError: naming the part and attribute that cannot be pickled.
+    """
+    try:
+        return cloudpickle.dumps(experiment, protocol=5)
+    except Exception as exc:
+        raise _explain(experiment, backend, exc) from exc
+
+
+def deserialize_experiment(blob: bytes) -> Experiment:
+    """The inverse of :func:`serialize_experiment`."""
+    return pickle.loads(blob)
+
+
+def _explain(experiment: Experiment, backend: str, exc: Exception) -> SerializationError:
+    parts: list[tuple[str, str, Any]] = [
+        ("Step", getattr(step, "name", type(step).__name__), step) for step in experiment.pipeline.steps
+    ]
+    parts.append(("Data source", getattr(experiment.datasource, "name", "datasource"), experiment.datasource))
+    parts += [("Treatment", t.name, t) for t in experiment.treatments]
+    parts += [("Plugin", type(p).__name__, p) for p in experiment.plugins]
+    parts += [("Hypothesis", h.name, h) for h in experiment.hypotheses]
+    for kind, name, obj in parts:
+        if _picklable(obj):
+            continue
+        attr, value = _culprit(obj)
+        where = f"attribute {attr!r} holds a {type(value).__name__}" if attr else f"{type(exc).__name__}: {exc}"
+        advice = (
+            "Load it in setup() or mark the step heavy (heavy = True)." if kind == "Step"
+            else "Create it inside the function that uses it, or keep it out of the experiment."
+        )
+        return SerializationError(
+            f"{kind} {name!r} could not be pickled for {backend} execution: {where}. {advice}"
+        )
+    return SerializationError(
+        f"The experiment could not be pickled for {backend} execution "
+        f"({type(exc).__name__}: {exc}). Check initial_ctx values."
+    )
+
+
+def _picklable(obj: Any) -> bool:
+    try:
+        cloudpickle.dumps(obj, protocol=5)
+    except Exception:
+        return False
+    return True
+
+
+def _culprit(obj: Any, depth: int = 0) -> tuple[str | None, Any]:
+    """The first attribute path of ``obj`` whose value cannot be pickled."""
+    attrs = getattr(obj, "__dict__", None)
+    if not isinstance(attrs, dict) or depth > 3:
+        return None, obj
+    for name, value in attrs.items():
+        if not _picklable(value):
+            inner, found = _culprit(value, depth + 1)
+            return (f"{name}.{inner}" if inner else name), found
+    return None, obj
