@@ -24,6 +24,7 @@ class Progress:
         self.interval = interval
         self.done = self.failed = 0
         self._start = self._last = time.monotonic()
+        self._drawn_at = -1
 
     def update(self, *, failed: bool = False) -> None:
         self.done += 1
@@ -34,6 +35,7 @@ class Progress:
             self._draw(now)
 
     def _draw(self, now: float) -> None:
+        self._drawn_at = self.done
         elapsed = max(now - self._start, 1e-9)
         rate = self.done / elapsed
         eta = (self.total - self.done) / rate if rate else float("inf")
@@ -49,6 +51,7 @@ class Progress:
 
     def close(self) -> None:
         if self.enabled and self.done:
-            self._draw(time.monotonic())
+            if self._drawn_at != self.done:
+                self._draw(time.monotonic())
             self.stream.write("\n")
             self.stream.flush()

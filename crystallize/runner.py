@@ -23,7 +23,7 @@ from .result import RunError, RunResult
 if TYPE_CHECKING:
     from .experiment import Experiment
 
-__all__ = ["RunSpec", "aexecute_run", "execute_run", "steps_set_up"]
+__all__ = ["RunSpec", "aexecute_run", "execute_run", "failed_run", "steps_set_up", "worker_died"]
 
 
 @dataclass(frozen=True, order=True)
@@ -102,20 +102,24 @@ def _error(replicate: int, condition: str, where: str, exc: BaseException) -> Ru
     )
 
 
-def worker_died(spec: RunSpec, attempts: int, detail: str) -> RunResult:
-    """The RunResult of a run whose worker process kept dying."""
+def failed_run(spec: RunSpec, where: str, type_name: str, message: str, *, traceback: str = "",
+               attempts: int = 1) -> RunResult:
+    """The RunResult of a run that failed outside the run itself (e.g. its worker)."""
     return RunResult(
         replicate=spec.replicate,
         condition=spec.condition,
-        error=RunError(
-            replicate=spec.replicate, condition=spec.condition, step="worker",
-            type="WorkerCrashedError",
-            message=(
-                f"The worker process running this run died on each of {attempts} "
-                f"attempt(s) ({detail}); the other runs finished. Run it under "
-                f"SerialExecution to see the crash, or check memory limits."
-            ),
-        ),
+        error=RunError(spec.replicate, spec.condition, where, type_name, message, traceback),
+        attempts=attempts,
+    )
+
+
+def worker_died(spec: RunSpec, attempts: int, detail: str) -> RunResult:
+    """The RunResult of a run whose worker process kept dying."""
+    return failed_run(
+        spec, "worker", "WorkerCrashedError",
+        f"The worker process running this run died on each of {attempts} attempt(s) "
+        f"({detail}); the other runs finished. Run it under SerialExecution to see the "
+        f"crash, or check memory limits.",
         attempts=attempts,
     )
 

@@ -7,6 +7,7 @@ that holds the unpicklable object.
 
 from __future__ import annotations
 
+import copy
 import pickle
 from typing import TYPE_CHECKING, Any
 
@@ -23,13 +24,30 @@ __all__ = ["deserialize_experiment", "serialize_experiment"]
 def serialize_experiment(experiment: Experiment, *, backend: str = "process/Ray") -> bytes:
     """Pickle ``experiment`` with cloudpickle, once, for shipping to workers.
 
+    Only plugins with replicate hooks travel (see :func:`runs_in_workers`).
+
     Raises:
         SerializationError: naming the part and attribute that cannot be pickled.
     """
+    shipped = copy.copy(experiment)
+    shipped.plugins = [p for p in experiment.plugins if runs_in_workers(p)]
     try:
-        return cloudpickle.dumps(experiment, protocol=5)
+        return cloudpickle.dumps(shipped, protocol=5)
     except Exception as exc:
-        raise _explain(experiment, backend, exc) from exc
+        raise _explain(shipped, backend, exc) from exc
+
+
+def runs_in_workers(plugin: Any) -> bool:
+    """Whether a plugin has replicate hooks, so workers need a copy of it.
+
+    Driver-only plugins (progress, artifacts, logging of results, the backend
+    itself) stay in the driver and may hold anything, locks and threads included.
+    """
+    from .plugins import BasePlugin
+
+    cls = type(plugin)
+    return (cls.before_replicate is not BasePlugin.before_replicate
+            or cls.after_replicate is not BasePlugin.after_replicate)
 
 
 def deserialize_experiment(blob: bytes) -> Experiment:

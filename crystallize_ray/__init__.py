@@ -1,3 +1,10 @@
-"""crystallize_ray: run crystallize experiments on Ray (see RayExecution)."""
+"""crystallize_ray: run crystallize experiments on Ray, unchanged.
 
-__all__: list[str] = []
+``RayExecution`` is an execution backend: put it in ``Experiment(plugins=[...])``
+in place of ``ParallelExecution`` and every replicate × condition runs as a Ray task,
+on an embedded local Ray or on a cluster.
+"""
+
+from .execution import RayExecution
+
+__all__ = ["RayExecution"]

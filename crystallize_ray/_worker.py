@@ -1,0 +1,70 @@
+"""What runs inside a Ray worker process: a cache of experiments, and the task body.
+
+A worker deserializes each experiment once (keyed by the object reference's id),
+sets its steps up once, and reuses it for every task of that ``run()``. The last few
+experiments are kept; an evicted one, and all of them at process exit, are torn down.
+"""
+
+from __future__ import annotations
+
+import atexit
+from collections import OrderedDict
+from typing import Any
+
+from crystallize import RunResult, RunSpec, deserialize_experiment, execute_run, steps_set_up
+
+__all__ = ["run_batch"]
+
+_KEEP = 2
+_LOADED: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
+
+
+def _experiment(ref: Any) -> Any:
+    key = ref.hex()
+    if key in _LOADED:
+        _LOADED.move_to_end(key)
+        return _LOADED[key][0]
+    import ray
+
+    experiment = deserialize_experiment(ray.get(ref))
+    setup = steps_set_up(experiment)
+    setup.__enter__()
+    _LOADED[key] = (experiment, setup)
+    while len(_LOADED) > _KEEP:
+        _, (_, old) = _LOADED.popitem(last=False)
+        old.__exit__(None, None, None)
+    return experiment
+
+
+def run_batch(holder: list[Any], batch: list[tuple[int, str]], retry_errors: int) -> list[RunResult]:
+    """Execute a batch of runs of the experiment behind ``holder[0]`` (an ObjectRef).
+
+    The reference travels inside a list so that Ray hands it over as a reference
+    instead of fetching the blob for every task.
+    """
+    experiment = _experiment(holder[0])
+    results = []
+    for replicate, condition in batch:
+        run = execute_run(experiment, replicate, condition)
+        tries = 1
+        while run.error is not None and tries <= retry_errors:
+            run = execute_run(experiment, replicate, condition)
+            tries += 1
+        run.attempts = tries
+        results.append(run)
+    return results
+
+
+def spec_pairs(specs: list[RunSpec]) -> list[tuple[int, str]]:
+    """Plain tuples are the cheapest thing to ship per task."""
+    return [(s.replicate, s.condition) for s in specs]
+
+
+@atexit.register
+def _teardown_all() -> None:
+    while _LOADED:
+        _, (_, setup) = _LOADED.popitem()
+        try:
+            setup.__exit__(None, None, None)
+        except Exception:
+            pass

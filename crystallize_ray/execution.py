@@ -1,0 +1,235 @@
+"""RayExecution: every run of an experiment as a Ray task, streamed back with ray.wait.
+
+The experiment is serialized once per ``run()`` and put in the object store once;
+each task carries the object reference plus a batch of ``(replicate, condition)``
+pairs, and each worker deserializes an experiment once. At most ``max_in_flight``
+tasks are outstanding, so an experiment of 100,000 runs never holds 100,000 futures.
+Tasks lost with their worker process or node are retried by Ray (``max_retries``);
+a batch that still fails is split and its runs retried alone, so only the run that
+really cannot complete is recorded as failed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from crystallize import (
+    ExecutionBackend,
+    RunResult,
+    RunSpec,
+    serialize_experiment,
+)
+from crystallize.runner import failed_run, worker_died
+from crystallize.stores import default_cache_store
+
+from . import _worker
+
+if TYPE_CHECKING:
+    from crystallize import Experiment
+
+__all__ = ["RayExecution"]
+
+INSTALL_HINT = "pip install 'crystallize-lab[ray]'"
+_TARGET_BATCH_SECONDS = 0.05
+_MAX_BATCH = 256
+
+
+def import_ray() -> Any:
+    """Import Ray, or fail with the command that installs it."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise ImportError(f"RayExecution needs Ray, which is not installed: {INSTALL_HINT}") from exc
+    return ray
+
+
+class RayExecution(ExecutionBackend):
+    """Run each replicate × condition as a Ray task; use it like ParallelExecution.
+
+    Connecting: if Ray is already initialised in this process it is used as is;
+    otherwise ``address``, else ``$RAY_ADDRESS``, else an embedded local Ray is
+    started. Whatever this backend started is shut down at the end of ``run()``.
+
+    Args:
+        address: a Ray cluster address (``"auto"``, ``"ray://host:10001"``...).
+        num_cpus: CPUs each task reserves.
+        num_gpus: GPUs each task reserves.
+        resources: custom resources each task reserves, e.g. ``{"accelerator": 1}``.
+        runtime_env: a Ray runtime environment for the tasks (pip packages,
+            ``working_dir``, env vars).
+        max_retries: how often Ray retries a task whose worker process or node died.
+        max_in_flight: the most tasks outstanding at once; default four per CPU
+            of the cluster (at least 8).
+        batch_size: runs per task; ``None`` (default) adapts: tasks start with one
+            run, and runs that prove tiny are grouped so a task takes ~50 ms.
+        retry_errors: how often a run whose step raised is run again in its task
+            (default 0: step errors are recorded, not retried).
+        progress: show a progress line over runs in the driver.
+        init_kwargs: extra arguments for ``ray.init`` when this backend starts Ray.
+
+    Raises:
+        ImportError: Ray is not installed (the message gives the pip command).
+
+    Example:
+        >>> from crystallize import Experiment
+        >>> exp = Experiment(datasource=lambda ctx: [1, 2, 3], pipeline=...,  # doctest: +SKIP
+        ...                  plugins=[RayExecution(num_cpus=1)])
+        >>> exp.run(replicates=100)                                          # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        num_cpus: float = 1,
+        num_gpus: float = 0,
+        resources: Mapping[str, float] | None = None,
+        runtime_env: Mapping[str, Any] | None = None,
+        max_retries: int = 3,
+        max_in_flight: int | None = None,
+        batch_size: int | None = None,
+        retry_errors: int = 0,
+        progress: bool = False,
+        init_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        import_ray()
+        if max_in_flight is not None and max_in_flight < 1:
+            raise ValueError(f"RayExecution(max_in_flight={max_in_flight}) must be >= 1.")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"RayExecution(batch_size={batch_size}) must be >= 1.")
+        self.address = address
+        self.num_cpus = num_cpus
+        self.num_gpus = num_gpus
+        self.resources = dict(resources or {})
+        self.runtime_env = dict(runtime_env) if runtime_env else None
+        self.max_retries = max_retries
+        self.max_in_flight = max_in_flight
+        self.batch_size = batch_size
+        self.retry_errors = retry_errors
+        self.progress = progress
+        self.init_kwargs = dict(init_kwargs or {})
+
+    # -- connecting -------------------------------------------------------------
+    def connect(self) -> bool:
+        """Make sure Ray is initialised; return True when this call started it."""
+        ray = import_ray()
+        if ray.is_initialized():
+            return False
+        kwargs = dict(self.init_kwargs)
+        address = self.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            kwargs["address"] = address
+        else:
+            kwargs.setdefault("include_dashboard", False)  # a laptop run needs no web UI
+        kwargs.setdefault("logging_level", logging.WARNING)
+        ray.init(**kwargs)
+        return True
+
+    # -- executing --------------------------------------------------------------
+    def execute(self, experiment: Experiment, plan: Sequence[RunSpec]) -> Iterator[RunResult]:
+        ray = import_ray()
+        job = copy.copy(experiment)
+        if job.cache is None:
+            # Resolve ./.cache in the driver: Ray workers may run in another directory.
+            job.cache = default_cache_store()
+        blob = serialize_experiment(job, backend="Ray")  # fails before any task
+        started = self.connect()
+        try:
+            yield from self._stream(ray, job, plan, blob)
+        finally:
+            if started:
+                ray.shutdown()
+
+    def _stream(self, ray: Any, job: Experiment, plan: Sequence[RunSpec], blob: bytes) -> Iterator[RunResult]:
+        holder = [ray.put(blob)]
+        task = ray.remote(_worker.run_batch)
+        options: dict[str, Any] = {
+            "num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_retries": self.max_retries,
+        }
+        if self.resources:
+            options["resources"] = self.resources
+        if self.runtime_env:
+            options["runtime_env"] = self.runtime_env
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        limit = self.max_in_flight or max(8, 4 * cpus)
+        sizer = _BatchSizer(self.batch_size, cpus)
+        pending: deque[RunSpec] = deque(plan)
+        singles: deque[RunSpec] = deque()  # runs of failed batches, retried alone
+        running: dict[Any, list[RunSpec]] = {}
+
+        def submit(batch: list[RunSpec]) -> None:
+            ref = task.options(name=_label(job.name, batch), **options).remote(
+                holder, _worker.spec_pairs(batch), self.retry_errors)
+            running[ref] = batch
+
+        while pending or singles or running:
+            while singles and len(running) < limit:
+                submit([singles.popleft()])
+            while pending and len(running) < limit:
+                size = sizer.next_size(len(pending))
+                submit([pending.popleft() for _ in range(min(size, len(pending)))])
+            ready, rest = ray.wait(list(running), num_returns=1)
+            if rest:
+                more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+                ready += more
+            for ref in ready:
+                batch = running.pop(ref)
+                try:
+                    results = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:
+                    # The task body itself raised: e.g. the experiment could not be
+                    # loaded on that node. Retrying would fail the same way.
+                    cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+                    for spec in batch:
+                        yield failed_run(spec, "worker", type(cause).__name__, str(cause),
+                                         traceback=str(exc))
+                    continue
+                except ray.exceptions.RayError as exc:
+                    if len(batch) > 1:
+                        singles.extend(batch)
+                        continue
+                    yield worker_died(batch[0], self.max_retries + 1, _describe(exc))
+                    continue
+                sizer.observe(results)
+                yield from results
+
+
+class _BatchSizer:
+    """Chooses runs per task: fixed, or grown until a task takes ~50 ms."""
+
+    def __init__(self, fixed: int | None, cpus: int) -> None:
+        self.fixed, self.cpus = fixed, cpus
+        self.mean: float | None = None
+
+    def observe(self, results: list[RunResult]) -> None:
+        if results:
+            seconds = sum(r.seconds for r in results) / len(results)
+            self.mean = seconds if self.mean is None else 0.8 * self.mean + 0.2 * seconds
+
+    def next_size(self, remaining: int) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        if self.mean is None:
+            return 1
+        size = int(_TARGET_BATCH_SECONDS / max(self.mean, 1e-6))
+        # Keep every CPU busy to the end: never more than a quarter of the
+        # remaining work per CPU in one task.
+        fair = math.ceil(remaining / (4 * self.cpus))
+        return max(1, min(size, fair, _MAX_BATCH))
+
+
+def _label(name: str, batch: list[RunSpec]) -> str:
+    if len(batch) == 1:
+        return batch[0].label(name)
+    first, last = batch[0], batch[-1]
+    return f"crystallize:{name} r={first.replicate}..{last.replicate} ({len(batch)} runs)"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
