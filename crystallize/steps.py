@@ -27,8 +27,9 @@ class PipelineStep:
     instance's configuration, part of its cache key), ``setup(ctx)`` and
     ``teardown(ctx)``. Set the class attribute ``cacheable = True`` when outputs may
     be reused, ``version = "..."`` to key the cache on a label instead of the code,
-    and ``heavy = True`` to have distributed backends build the step once per worker
-    process instead of shipping it.
+    and ``heavy = True`` to ship the step as its recipe (class + constructor
+    arguments) so process and Ray workers build their own instance, once per worker,
+    instead of pickling the loaded resource.
 
     Example:
         >>> class AddOne(PipelineStep):
@@ -41,6 +42,20 @@ class PipelineStep:
     cacheable: bool = False
     heavy: bool = False
     version: str | None = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> PipelineStep:
+        self = super().__new__(cls)
+        if cls.heavy:
+            # A heavy step travels as its recipe (class + constructor arguments) and
+            # is rebuilt, once, in each worker process that loads the experiment.
+            self.__dict__["_crystallize_recipe"] = (args, kwargs)
+        return self
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        recipe = self.__dict__.get("_crystallize_recipe")
+        if self.heavy and recipe is not None:
+            return (_rebuild_heavy, (type(self), recipe[0], recipe[1]))
+        return super().__reduce_ex__(protocol)
 
     def __call__(self, data: Any, ctx: FrozenContext) -> Any:
         raise NotImplementedError(f"{type(self).__name__} must define __call__(self, data, ctx).")
@@ -88,11 +103,16 @@ class PipelineStep:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_crystallize_code", None)
+        state.pop("_crystallize_recipe", None)
         return state
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in dict(self.params).items())
         return f"{self.name}({params})"
+
+
+def _rebuild_heavy(cls: type[PipelineStep], args: tuple[Any, ...], kwargs: dict[str, Any]) -> PipelineStep:
+    return cls(*args, **kwargs)
 
 
 class _Signature:
