@@ -101,7 +101,7 @@ class ArtifactPlugin(BasePlugin):
         self.run_dir: Path | None = None
 
     def before_run(self, experiment: Experiment) -> None:
-        base = (self.root_dir / (experiment.name or "experiment")).absolute()
+        base = (self.root_dir / _safe_part(experiment.name or "experiment")).absolute()
         if self.versioned:
             existing = [int(p.name[1:]) for p in base.glob("v*") if p.name[1:].isdigit()] if base.exists() else []
             self.run_dir = base / f"v{max(existing, default=-1) + 1}"

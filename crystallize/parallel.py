@@ -6,13 +6,16 @@ condition) pairs. A step that raises is recorded in its run. A worker process th
 dies takes down the whole pool in ``concurrent.futures``; the runs that were in
 flight are then retried one at a time in a fresh pool, so the run that kills its
 worker is identified exactly, retried up to ``max_retries`` times, and recorded as
-failed while every other run finishes.
+failed while every other run finishes. A run whose result cannot be pickled back
+is recorded as failed too; a step whose ``setup()`` fails in a worker fails
+``run()`` with that error, as under the serial backend.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
@@ -20,10 +23,12 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.util import Finalize
 from typing import TYPE_CHECKING, Any
 
+import cloudpickle
+
 from .execution import ExecutionBackend
 from .result import RunResult
 from .runner import RunSpec, execute_run, steps_set_up, worker_died
-from .serialization import deserialize_experiment, serialize_experiment
+from .serialization import deserialize_experiment, portable, serialize_experiment
 
 if TYPE_CHECKING:
     from .experiment import Experiment
@@ -137,7 +142,7 @@ class ParallelExecution(ExecutionBackend):
                     running[future] = queue.popleft()
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    results = future.result()  # raises BrokenProcessPool if a worker died
+                    results = _unpack(future.result())  # raises BrokenProcessPool if a worker died
                     del running[future]
                     yield from results
         except BrokenProcessPool:
@@ -155,7 +160,7 @@ class ParallelExecution(ExecutionBackend):
         while suspects:
             spec = suspects[0]
             try:
-                (run,) = pool.submit(_run_batch, [spec]).result()
+                (run,) = _unpack(pool.submit(_run_batch, [spec]).result())
             except BrokenProcessPool:
                 attempts[spec] += 1
                 if attempts[spec] > self.max_retries:
@@ -171,14 +176,41 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(blob: bytes) -> None:
-    experiment = deserialize_experiment(blob)
-    setup = steps_set_up(experiment)
-    setup.__enter__()
+    try:
+        experiment = deserialize_experiment(blob)
+        setup = steps_set_up(experiment)
+        setup.__enter__()
+    except Exception as exc:
+        # An initializer that raises breaks the pool, which looks like a crashed run
+        # and is retried run by run. Keep the error for the first task to raise in
+        # the driver instead, as a failing setup() does under the serial backend.
+        _WORKER["error"] = exc
+        return
     # Tear the steps down when this worker process exits normally.
     Finalize(experiment, setup.__exit__, args=(None, None, None), exitpriority=10)
     _WORKER["experiment"] = experiment
 
 
-def _run_batch(batch: list[RunSpec]) -> list[RunResult]:
+def _run_batch(batch: list[RunSpec]) -> bytes:
+    if "error" in _WORKER:
+        raise _WORKER["error"]
     experiment = _WORKER["experiment"]
-    return [execute_run(experiment, spec.replicate, spec.condition) for spec in batch]
+    return _pack([execute_run(experiment, spec.replicate, spec.condition) for spec in batch])
+
+
+def _unpack(blob: bytes) -> list[RunResult]:
+    return pickle.loads(blob)
+
+
+def _pack(runs: list[RunResult]) -> bytes:
+    """Pickle a batch's runs for the trip back to the driver, in the worker.
+
+    A result holding a lambda (e.g. an injected step parameter from ``initial_ctx``,
+    which travelled here with cloudpickle) goes back with cloudpickle too; a result
+    that cannot be pickled at all becomes a failed run instead of breaking the
+    experiment.
+    """
+    try:
+        return pickle.dumps(runs, protocol=5)
+    except Exception:
+        return cloudpickle.dumps(portable(runs), protocol=5)

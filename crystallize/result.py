@@ -28,7 +28,8 @@ class RunError:
         replicate: the run's replicate number.
         condition: ``"baseline"`` or the treatment name.
         step: where it failed: a step name, ``"datasource"``, ``"treatment"``,
-            ``"plugin <Name>.<hook>"`` or ``"worker"`` (the process running it died).
+            ``"plugin <Name>.<hook>"``, ``"worker"`` (the process running it died) or
+            ``"result"`` (its result could not be sent back from a worker process).
         type: the exception's class name.
         message: the exception's message.
         traceback: the formatted traceback, as text.

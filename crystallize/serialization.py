@@ -14,23 +14,26 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle
 
 from .errors import SerializationError
+from .result import RunError, RunResult
 
 if TYPE_CHECKING:
     from .experiment import Experiment
 
-__all__ = ["deserialize_experiment", "serialize_experiment"]
+__all__ = ["deserialize_experiment", "portable", "serialize_experiment"]
 
 
 def serialize_experiment(experiment: Experiment, *, backend: str = "process/Ray") -> bytes:
     """Pickle ``experiment`` with cloudpickle, once, for shipping to workers.
 
-    Only plugins with replicate hooks travel (see :func:`runs_in_workers`).
+    Only plugins with replicate hooks travel (see :func:`runs_in_workers`);
+    hypotheses stay in the driver, where they are evaluated.
 
     Raises:
         SerializationError: naming the part and attribute that cannot be pickled.
     """
     shipped = copy.copy(experiment)
     shipped.plugins = [p for p in experiment.plugins if runs_in_workers(p)]
+    shipped.hypotheses = []  # evaluated in the driver only
     try:
         return cloudpickle.dumps(shipped, protocol=5)
     except Exception as exc:
@@ -99,3 +102,39 @@ def _culprit(obj: Any, depth: int = 0) -> tuple[str | None, Any]:
             inner, found = _culprit(value, depth + 1)
             return (f"{name}.{inner}" if inner else name), found
     return None, obj
+
+
+def portable(runs: list[RunResult]) -> list[RunResult]:
+    """``runs`` with each result that cannot be pickled replaced by a failed run.
+
+    A worker calls this before sending results back, so one metric holding a lock
+    fails its own run (step ``"result"``) instead of the whole batch or experiment.
+    """
+    return [run if _picklable(run) else _unpicklable_result(run) for run in runs]
+
+
+def _unpicklable_result(run: RunResult) -> RunResult:
+    part = "the result"
+    for name, values in run.metrics.items():
+        if not _picklable(values):
+            part = f"metric {name!r}"
+            break
+    else:
+        for record in run.provenance:
+            bad = [k for k, v in getattr(record, "params", {}).items() if not _picklable(v)]
+            if bad:
+                part = f"parameter {bad[0]!r} of step {record.name!r}"
+                break
+    return RunResult(
+        replicate=run.replicate, condition=run.condition, seed=run.seed, seconds=run.seconds,
+        error=run.error or RunError(
+            replicate=run.replicate, condition=run.condition, step="result",
+            type="SerializationError",
+            message=(
+                f"The run finished in a worker process, but its result could not be "
+                f"pickled back to the driver: {part} holds a value that cannot be "
+                f"pickled. Record plain values (numbers, strings, lists, arrays) as "
+                f"metrics and step parameters."
+            ),
+        ),
+    )

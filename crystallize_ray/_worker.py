@@ -11,7 +11,10 @@ import atexit
 from collections import OrderedDict
 from typing import Any
 
+import cloudpickle
+
 from crystallize import RunResult, RunSpec, deserialize_experiment, execute_run, steps_set_up
+from crystallize.serialization import portable
 
 __all__ = ["run_batch"]
 
@@ -52,6 +55,10 @@ def run_batch(holder: list[Any], batch: list[tuple[int, str]], retry_errors: int
             tries += 1
         run.attempts = tries
         results.append(run)
+    try:
+        cloudpickle.dumps(results, protocol=5)  # what Ray will do with the return value
+    except Exception:
+        results = portable(results)
     return results
 
 

@@ -270,3 +270,17 @@ def test_missing_ray_gives_the_install_command():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "pip install 'crystallize-lab[ray]'" in out.stdout
+
+
+@pipeline_step()
+def leaky_metric(data, ctx: FrozenContext):
+    if ctx.get("replicate") == 0:
+        ctx.metrics.add("handle", threading.Lock())
+    return data, {"ok": 1}
+
+
+def test_a_result_that_cannot_travel_back_fails_only_its_run(ray_session):
+    result = _experiment(leaky_metric(), plugins=[RayExecution(batch_size=3)]).run(replicates=3)
+    assert [(e.replicate, e.step, e.type) for e in result.errors] == [(0, "result", "SerializationError")]
+    assert "metric 'handle'" in result.errors[0].message
+    assert result.metrics.baseline.metrics["ok"] == [1, 1]

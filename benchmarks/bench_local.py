@@ -1,0 +1,216 @@
+"""Per-run overhead of the local backends, against a bare loop and the reference package.
+
+Usage::
+
+    python benchmarks/bench_local.py [--runs 2000] [--repeat 3]
+                                     [--reference-python /work/refenv/bin/python]
+
+Workload (the same as ``benchmarks/_reference_runner.py``): a datasource returning a
+small constant tuple and two trivial steps, one passing its input on and one returning
+``(data, {"value": 1.0})``, so each run records exactly one metric value. The
+experiment also carries an ``ArtifactPlugin`` (no artifacts are written) and a quiet
+``LoggingPlugin``, as the reference probe's does (its ``log_level="WARNING"`` is a
+threshold that silences its INFO lines; ours logs at INFO, which nothing shows here).
+
+Each backend runs the N runs ``--repeat`` times; the best time is reported, as seconds,
+milliseconds per run and the ratio to a bare Python loop calling the same three
+functions N times. When a reference interpreter is given (default:
+``/work/refenv/bin/python`` if it exists), ``_reference_runner.py`` is run with it for
+the serial, thread and process backends (``--log-level WARNING --workers 2``, best of
+``--repeat`` invocations) and its per-run time is printed beside ours with the ratio
+reference / ours (> 1: ours is faster). The reference package is never imported here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from crystallize import (
+    ArtifactPlugin,
+    AsyncExecution,
+    ExecutionBackend,
+    Experiment,
+    LoggingPlugin,
+    ParallelExecution,
+    Pipeline,
+    SerialExecution,
+    data_source,
+    pipeline_step,
+)
+
+HERE = Path(__file__).resolve().parent
+REFERENCE_RUNNER = HERE / "_reference_runner.py"
+DEFAULT_REFERENCE_PYTHON = Path("/work/refenv/bin/python")
+METRIC = "value"
+CONSTANT = (1, 2, 3)
+WORKERS = 2
+
+
+# Module level, so the process backend ships them as recipes.
+@data_source
+def constant_source(ctx):
+    return CONSTANT
+
+
+@pipeline_step()
+def passthrough(data, ctx):
+    return data
+
+
+@pipeline_step()
+def record_metric(data, ctx):
+    return data, {METRIC: 1.0}
+
+
+BACKENDS: dict[str, Callable[[], ExecutionBackend]] = {
+    "serial": SerialExecution,
+    "thread": lambda: ParallelExecution(max_workers=WORKERS, executor_type="thread"),
+    "process": lambda: ParallelExecution(max_workers=WORKERS, executor_type="process"),
+    "async": AsyncExecution,
+}
+LABELS = {
+    "serial": "SerialExecution",
+    "thread": f"Parallel thread x{WORKERS}",
+    "process": f"Parallel process x{WORKERS}",
+    "async": "AsyncExecution",
+}
+REFERENCE_BACKENDS = ("serial", "thread", "process")
+
+
+def bare_loop(runs: int) -> float:
+    """Seconds for a plain loop over the undecorated functions."""
+    fetch = constant_source.__wrapped__
+    step_a = passthrough.__wrapped__
+    step_b = record_metric.__wrapped__
+    collected = []
+    started = time.perf_counter()
+    for _ in range(runs):
+        data = fetch(None)
+        data = step_a(data, None)
+        data, metrics = step_b(data, None)
+        collected.append(metrics[METRIC])
+    elapsed = time.perf_counter() - started
+    assert len(collected) == runs
+    return elapsed
+
+
+def time_backend(name: str, runs: int, scratch: str) -> float:
+    """Seconds for ``Experiment.run()`` of ``runs`` runs on one backend, checked."""
+    exp = Experiment(
+        datasource=constant_source(),
+        pipeline=Pipeline([passthrough(), record_metric()]),
+        plugins=[BACKENDS[name](), ArtifactPlugin(root_dir=scratch), LoggingPlugin()],
+        name="overhead_probe",
+        replicates=runs,
+    )
+    started = time.perf_counter()
+    result = exp.run()
+    elapsed = time.perf_counter() - started
+    if result.errors:
+        raise RuntimeError(f"{name}: {len(result.errors)} runs failed, first: {result.errors[0]}")
+    values = result.metrics.baseline.metrics.get(METRIC, [])
+    if len(values) != runs:
+        raise RuntimeError(f"{name}: expected {runs} metric values, got {len(values)}")
+    return elapsed
+
+
+def reference(python: Path, backend: str, runs: int, repeat: int) -> dict:
+    """Best of ``repeat`` invocations of the reference probe; ``{"error": ...}`` on failure."""
+    best: dict | None = None
+    for _ in range(repeat):
+        proc = subprocess.run(
+            [str(python), str(REFERENCE_RUNNER), "--backend", backend, "--runs", str(runs),
+             "--log-level", "WARNING", "--workers", str(WORKERS)],
+            capture_output=True, text=True, timeout=600, cwd=tempfile.gettempdir(),
+        )
+        lines = proc.stdout.strip().splitlines()
+        try:
+            payload = json.loads(lines[-1])
+        except (IndexError, json.JSONDecodeError):
+            tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+            return {"error": f"exit {proc.returncode}: {tail[0]}"}
+        if "error" in payload:
+            return payload
+        if best is None or payload["per_run_ms"] < best["per_run_ms"]:
+            best = payload
+    assert best is not None
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=3, help="best of this many (default 3)")
+    parser.add_argument(
+        "--reference-python", type=Path,
+        default=DEFAULT_REFERENCE_PYTHON if DEFAULT_REFERENCE_PYTHON.exists() else None,
+        help="interpreter of the reference package's environment (default: "
+             f"{DEFAULT_REFERENCE_PYTHON} if it exists)",
+    )
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference package")
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.repeat < 1:
+        parser.error("--runs and --repeat must be >= 1")
+    ref_python = None if args.no_reference else args.reference_python
+
+    runs, repeat = args.runs, args.repeat
+    print(f"crystallize local backends: {runs} no-op runs, best of {repeat}; "
+          f"Python {platform.python_version()}, {os.cpu_count()} CPUs, {WORKERS} workers for pools")
+
+    base = min(bare_loop(runs) for _ in range(repeat))
+    ours: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="crystallize_bench_") as scratch:
+        for name in BACKENDS:
+            ours[name] = min(time_backend(name, runs, scratch) for _ in range(repeat))
+
+    refs: dict[str, dict] = {}
+    ref_version = None
+    if ref_python is not None:
+        for name in REFERENCE_BACKENDS:
+            refs[name] = reference(ref_python, name, runs, repeat)
+            ref_version = ref_version or refs[name].get("version")
+
+    def ms(seconds: float) -> float:
+        return seconds * 1000.0 / runs
+
+    header = f"{'backend':<22}{'seconds':>10}{'per-run ms':>12}{'x bare loop':>13}"
+    if refs:
+        header += f"{'reference ms':>14}{'ref / ours':>12}"
+    print()
+    print(header)
+    print("-" * len(header))
+    print(f"{'bare Python loop':<22}{base:>10.4f}{ms(base):>12.5f}{1.0:>13.1f}")
+    for name, seconds in ours.items():
+        line = f"{LABELS[name]:<22}{seconds:>10.4f}{ms(seconds):>12.4f}{seconds / base:>13.1f}"
+        if refs:
+            ref = refs.get(name)
+            if ref is None:
+                line += f"{'-':>14}{'-':>12}"
+            elif "error" in ref:
+                line += f"{'error':>14}{'-':>12}"
+            else:
+                line += f"{ref['per_run_ms']:>14.4f}{ref['per_run_ms'] / ms(seconds):>12.1f}"
+        print(line)
+    if refs:
+        print()
+        print(f"reference: crystallize-ml {ref_version or '?'} via {ref_python} "
+              f"(_reference_runner.py --log-level WARNING --workers {WORKERS}); it has no async backend")
+        for name, ref in refs.items():
+            if "error" in ref:
+                print(f"reference {name} failed: {ref['error']}")
+    elif ref_python is None and not args.no_reference:
+        print(f"\n(no reference interpreter: pass --reference-python; {DEFAULT_REFERENCE_PYTHON} not found)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
