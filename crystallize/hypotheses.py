@@ -131,7 +131,10 @@ class Hypothesis:
         if not self.metrics or not all(isinstance(m, str) for m in self.metrics):
             raise TypeError(f"Hypothesis metrics must be a name or a list of names, got {metrics!r}.")
         self.ranker = ranker or _default_ranker
-        self.name = name or getattr(ranker, "__name__", None) or getattr(verifier, "name", None) or "hypothesis"
+        ranker_name = getattr(ranker, "__name__", None)
+        if ranker_name == "<lambda>":
+            ranker_name = None
+        self.name = name or ranker_name or getattr(verifier, "name", None) or "hypothesis"
 
     def evaluate(
         self, baseline: Mapping[str, list[Any]], treatments: Mapping[str, Mapping[str, list[Any]]]

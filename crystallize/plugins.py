@@ -21,6 +21,7 @@ hook name or a wrong argument list fails early, naming the plugin and the hook.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
 import random
@@ -76,11 +77,16 @@ def check_plugin(plugin: Any) -> list[str]:
     name = type(plugin).__name__
     if not isinstance(plugin, BasePlugin):
         return [f"Plugin {plugin!r} is a {name}, not a BasePlugin subclass instance."]
+    base = set(dir(BasePlugin))
     for attr in dir(type(plugin)):
-        if attr.startswith(("before_", "after_", "on_")) and attr not in HOOKS:
+        if attr in HOOKS or attr in base or attr.startswith("_"):
+            continue
+        near = difflib.get_close_matches(attr, HOOKS, n=1, cutoff=0.8)
+        if attr.startswith(("before_", "after_", "on_")) or near:
+            hint = f" Did you mean {near[0]}()?" if near else ""
             problems.append(
                 f"Plugin {name} defines {attr}(), which is not a hook; "
-                f"hooks are: {', '.join(HOOKS)}."
+                f"hooks are: {', '.join(HOOKS)}.{hint}"
             )
     for hook, args in HOOKS.items():
         method = getattr(plugin, hook)

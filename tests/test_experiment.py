@@ -534,3 +534,17 @@ def test_logging_plugin_quiet_by_default_per_run(caplog):
                replicates=3, name="quiet").run()
     messages = [r.getMessage() for r in caplog.records if r.name == "crystallize.experiment"]
     assert messages == ["Experiment 'quiet' starting", "Experiment 'quiet' finished: 3 runs, 0 failed"]
+
+
+def test_a_near_miss_hook_name_is_reported_with_a_suggestion():
+    class Typo(BasePlugin):
+        def befor_run(self, experiment):  # not a hook: would silently never run
+            pass
+
+        def helper(self):  # an ordinary method is fine
+            pass
+
+    exp = Experiment(lambda ctx: 1, Pipeline([pipeline_step()(lambda data: data)()]), plugins=[Typo()])
+    with pytest.raises(ValidationError, match=r"Typo defines befor_run\(\).*Did you mean before_run\(\)\?") as info:
+        exp.validate()
+    assert len(info.value.problems) == 1

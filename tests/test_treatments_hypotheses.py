@@ -298,3 +298,10 @@ def test_hypothesis_with_plain_callable_and_default_ranker():
     result = _gain_experiment([Hypothesis(p_value, "score", name="p")]).run()
     # default ranker: lowest p_value first
     assert result.get_hypothesis("p").ranking == ["big", "worse", "small"]
+
+
+def test_a_lambda_ranker_does_not_name_the_hypothesis_lambda():
+    from crystallize import Hypothesis
+
+    named = Hypothesis(verifier=lambda b, t: {"p_value": 0.1}, metrics="x", ranker=lambda r: 0.0)
+    assert named.name != "<lambda>"
