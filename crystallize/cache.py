@@ -133,7 +133,11 @@ class StepCache:
             )
             return False
         key = input_hash
-        if self.store.contains(step_hash, input_hash):
+        # A variant only when the primary was made from other ctx values; a primary
+        # with the same reads (another process stored it meanwhile) is replaced, so
+        # concurrent writers of one key leave one entry.
+        primary = self._load(step_hash, input_hash)
+        if primary is not None and primary.reads != entry.reads:
             key = f"{input_hash}.{_variant_digest(entry.reads)}"
         self.store.put(step_hash, key, blob)
         return True
@@ -170,5 +174,7 @@ class StepCache:
         return f"{input_hash}.{_variant_digest(current)}"
 
 
-def _variant_digest(reads: dict[str, str]) -> str:
-    return hash_struct("reads", sorted(reads.items()))
+def _variant_digest(reads: dict[Any, str]) -> str:
+    # A dict hashes canonically whatever its keys (read keys are strings, plus the
+    # tuple pseudo-keys for "listed the keys" and "read the metrics").
+    return hash_struct("reads", reads)

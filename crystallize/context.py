@@ -22,6 +22,10 @@ def active_context() -> FrozenContext | None:
     return _ACTIVE.get()
 
 _MISSING: Any = type("Missing", (), {"__repr__": lambda self: "<missing>"})()
+# What a step saw when it listed the keys or read the metrics, recorded like a key it
+# read so the step cache checks it too. Never a real key: context keys are strings.
+_KEYS_READ = ("crystallize", "keys")
+_METRICS_READ = ("crystallize", "metrics")
 _IMMUTABLE = (str, bytes, int, float, complex, bool, type(None), frozenset, range)
 
 
@@ -94,19 +98,39 @@ class ContextMetrics:
 
     def as_dict(self) -> Mapping[str, tuple[Any, ...]]:
         """A read-only snapshot: metric name -> tuple of values in the order added."""
-        return MappingProxyType({k: tuple(v) for k, v in self._values.items()})
+        self._note_read()
+        return MappingProxyType(self._snapshot())
 
     def __getitem__(self, name: str) -> tuple[Any, ...]:
+        self._note_read()
         return tuple(self._values[name])
 
     def __contains__(self, name: object) -> bool:
+        self._note_read()
         return name in self._values
 
     def __iter__(self) -> Iterator[str]:
+        self._note_read()
         return iter(list(self._values))
 
     def __len__(self) -> int:
+        self._note_read()
         return len(self._values)
+
+    def _snapshot(self) -> dict[str, tuple[Any, ...]]:
+        return {k: tuple(v) for k, v in self._values.items() if v}
+
+    def _note_read(self) -> None:
+        # A step whose output depends on earlier metrics must not be served an entry
+        # made when they were different.
+        recorder = self._owner._recorder
+        if recorder is not None and _METRICS_READ not in recorder.reads:
+            # What the step found, not what it added itself: a lookup compares this
+            # with the metrics present before the step runs.
+            snapshot = {k: list(v) for k, v in self._values.items()}
+            for name, _ in reversed(recorder.metrics):
+                snapshot[name].pop()
+            recorder.reads[_METRICS_READ] = {k: tuple(v) for k, v in snapshot.items() if v}
 
     def __repr__(self) -> str:
         return f"ContextMetrics({dict(self.as_dict())!r})"
@@ -172,16 +196,21 @@ class FrozenContext:
 
     def keys(self) -> list[str]:
         """The keys present now, in insertion order."""
+        self._note_keys()
         return list(self._data)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
 
     def __len__(self) -> int:
+        self._note_keys()
         return len(self._data)
 
     def as_dict(self) -> Mapping[str, Any]:
         """A read-only snapshot of every key and value."""
+        self._note_keys()
+        for key, value in self._data.items():
+            self._note_read(key, value)
         return MappingProxyType({k: _handed_out(v) for k, v in self._data.items()})
 
     # -- writing --------------------------------------------------------------
@@ -217,7 +246,15 @@ class FrozenContext:
     def _note_read(self, key: str, value: Any) -> None:
         recorder = self._recorder
         if recorder is not None and key not in recorder.reads:
+            if any(key == added for added, _ in recorder.added):
+                return  # the step reads back what it added itself
             recorder.reads[key] = value
+
+    def _note_keys(self) -> None:
+        recorder = self._recorder
+        if recorder is not None and _KEYS_READ not in recorder.reads:
+            own = {key for key, _ in recorder.added}
+            recorder.reads[_KEYS_READ] = tuple(k for k in self._data if k not in own)
 
     def _replay_artifact(self, artifact: Any) -> None:
         """Keep an artifact written (or replayed from the cache) during this run."""
@@ -228,6 +265,10 @@ class FrozenContext:
 
     def _peek(self, key: str) -> Any:
         """The stored value or the missing sentinel, without recording a read."""
+        if key == _KEYS_READ:
+            return tuple(self._data)
+        if key == _METRICS_READ:
+            return self.metrics._snapshot()
         return self._data.get(key, _MISSING)
 
     def __repr__(self) -> str:

@@ -1,14 +1,17 @@
 """Code fingerprints: what a step's code is, for the code part of its cache key.
 
 A function's fingerprint covers its own source and, transitively, the source of the
-functions and classes and the values of the module constants *of its own module* that
-it refers to by name. Editing a helper therefore invalidates the steps that call it,
-while library code (another module) does not churn keys on every upgrade.
+functions and classes and the values of the module constants (plain data and numpy
+arrays) *of its own module* that it refers to by name, and the same kinds of values its
+closure captured. Editing a helper therefore invalidates the steps that call it, and
+steps made by one factory with different captured values never share entries, while
+library code (another module) does not churn keys on every upgrade.
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
 import textwrap
 import types
 from typing import Any
@@ -52,15 +55,38 @@ def _collect(obj: Any, parts: list[Any], seen: set[int]) -> None:
     module = getattr(obj, "__module__", None)
     for code, namespace in _code_and_globals(obj):
         for ref in sorted(_names(code)):
-            if ref not in namespace:
-                continue
-            value = namespace[ref]
-            target = _unwrap(value)
-            if isinstance(target, (types.FunctionType, type)):
-                if getattr(target, "__module__", None) == module:
-                    _collect(target, parts, seen)
-            elif isinstance(value, _CONSTANT_TYPES + _CONTAINER_TYPES):
-                parts.append((ref, _constant_digest(value)))
+            if ref in namespace:
+                _collect_value(ref, namespace[ref], module, parts, seen)
+    # Values a closure captured are as much a part of the code as module constants:
+    # steps made by a factory (make_step(k)) differ only in them.
+    for ref, value in _closure_values(obj):
+        _collect_value(f"<closure>.{ref}", value, module, parts, seen)
+
+
+def _collect_value(ref: str, value: Any, module: Any, parts: list[Any], seen: set[int]) -> None:
+    target = _unwrap(value)
+    if isinstance(target, (types.FunctionType, type)):
+        if getattr(target, "__module__", None) == module:
+            _collect(target, parts, seen)
+    elif isinstance(value, _CONSTANT_TYPES + _CONTAINER_TYPES) or _is_ndarray(value):
+        parts.append((ref, _constant_digest(value)))
+
+
+def _is_ndarray(value: Any) -> bool:
+    numpy = sys.modules.get("numpy")
+    return numpy is not None and isinstance(value, numpy.ndarray)
+
+
+def _closure_values(obj: Any) -> list[tuple[str, Any]]:
+    if not isinstance(obj, types.FunctionType) or not obj.__closure__:
+        return []
+    found = []
+    for ref, cell in zip(obj.__code__.co_freevars, obj.__closure__):
+        try:
+            found.append((ref, cell.cell_contents))
+        except ValueError:  # a cell not filled yet
+            continue
+    return found
 
 
 def _unwrap(obj: Any) -> Any:

@@ -133,7 +133,10 @@ def _run_step(
             if step_hash is not None:
                 entry = cache.lookup(step_hash, input_hash, ctx)  # type: ignore[arg-type]
                 if entry is not None:
-                    _replay(entry, ctx)
+                    try:
+                        _replay(entry, ctx)
+                    except Exception as exc:  # fail as the step itself would have
+                        raise StepError(step.name, index, exc) from exc
                     _record(ctx, step, index, params, step_hash, input_hash, "hit",
                             tuple(entry.reads), recorder, started)
                     return entry.output

@@ -21,7 +21,9 @@ class StepRecord:
         input_hash: digest of the data it received (cacheable steps only).
         cache: ``"off"`` (not cacheable), ``"hit"``, ``"miss"`` (ran and stored) or
             ``"skipped"`` (ran, but the output or a ctx value could not be stored).
-        reads: ctx keys the step read through ``get``/``[]``/``in``.
+        reads: ctx keys the step read through ``get``/``[]``/``in``/``as_dict``, plus
+            ``("crystallize", "keys")`` if it listed the keys and
+            ``("crystallize", "metrics")`` if it read the metrics.
         added: ctx keys the step added.
         seconds: wall time, including cache lookup and store.
     """

@@ -13,7 +13,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .context import _MISSING, FrozenContext
+from .context import _MISSING, FrozenContext, _handed_out
 from .errors import MissingParameterError, UnknownParameterError
 from .fingerprint import code_fingerprint
 
@@ -185,7 +185,9 @@ class FunctionStep(PipelineStep):
                 continue
             value = ctx._peek(pname)
             if value is not _MISSING:
-                resolved[pname] = value
+                # A copy, as ctx.get gives: a step editing an injected list must not
+                # edit the context.
+                resolved[pname] = _handed_out(value)
             elif pname in self._signature.defaults:
                 resolved[pname] = self._signature.defaults[pname]
             else:
