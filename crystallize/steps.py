@@ -179,7 +179,8 @@ class FunctionStep(PipelineStep):
             MissingParameterError: a parameter has no explicit value, no ctx value and
                 no default.
         """
-        resolved = dict(self._explicit)
+        # Copies, so a step that edits a list parameter cannot change later runs.
+        resolved = {k: _handed_out(v) for k, v in self._explicit.items()}
         for pname in self._signature.names:
             if pname in resolved:
                 continue

@@ -349,3 +349,16 @@ def test_locally_defined_steps_survive_cloudpickle():
 
     pipeline = cloudpickle.loads(cloudpickle.dumps(Pipeline([local_power(exponent=3), LocalStep()])))
     assert pipeline.run(2) == -8
+
+
+def test_a_step_editing_its_explicit_list_parameter_does_not_change_later_runs():
+    from crystallize import Pipeline
+
+    @pipeline_step()
+    def extend(data, *, items):
+        items.append(data)
+        return list(items)
+
+    pipeline = Pipeline([extend(items=[0])])
+    assert pipeline.run(1) == [0, 1]
+    assert pipeline.run(2) == [0, 2]
