@@ -8,7 +8,6 @@ Block 1b names ``normalize`` from section 3, so it follows that block here.
 
 from __future__ import annotations
 
-import asyncio
 
 
 class SpecCalls:
