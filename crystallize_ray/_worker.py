@@ -8,6 +8,7 @@ experiments are kept; an evicted one, and all of them at process exit, are torn 
 from __future__ import annotations
 
 import atexit
+import pickle
 from collections import OrderedDict
 from typing import Any
 
@@ -16,7 +17,7 @@ import cloudpickle
 from crystallize import RunResult, RunSpec, deserialize_experiment, execute_run, steps_set_up
 from crystallize.serialization import portable
 
-__all__ = ["run_batch"]
+__all__ = ["make_task", "run_batch", "spec_pairs"]
 
 _KEEP = 2
 _LOADED: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
@@ -39,11 +40,26 @@ def _experiment(ref: Any) -> Any:
     return experiment
 
 
-def run_batch(holder: list[Any], batch: list[tuple[int, str]], retry_errors: int) -> list[RunResult]:
+def make_task(holder: list[Any], retry_errors: int) -> Any:
+    """The task body for one ``run()``: a closure over the experiment's reference.
+
+    The reference travels with the function definition, which Ray exports once per
+    ``run()``; each task then carries only its ``(replicate, condition)`` pairs, and
+    no argument refers to the object store (which measurably slows every task).
+    """
+
+    def crystallize_runs(batch: list[tuple[int, str]]) -> bytes:
+        return run_batch(holder, batch, retry_errors)
+
+    return crystallize_runs
+
+
+def run_batch(holder: list[Any], batch: list[tuple[int, str]], retry_errors: int) -> bytes:
     """Execute a batch of runs of the experiment behind ``holder[0]`` (an ObjectRef).
 
-    The reference travels inside a list so that Ray hands it over as a reference
-    instead of fetching the blob for every task.
+    Returns the pickled results: plain pickle is the cheapest form for Ray to move,
+    cloudpickle carries values plain pickle cannot (lambdas), and a result neither can
+    pickle becomes a failed run of its own.
     """
     experiment = _experiment(holder[0])
     results = []
@@ -56,10 +72,12 @@ def run_batch(holder: list[Any], batch: list[tuple[int, str]], retry_errors: int
         run.attempts = tries
         results.append(run)
     try:
-        cloudpickle.dumps(results, protocol=5)  # what Ray will do with the return value
+        return pickle.dumps(results, protocol=5)
     except Exception:
-        results = portable(results)
-    return results
+        try:
+            return cloudpickle.dumps(results, protocol=5)
+        except Exception:
+            return cloudpickle.dumps(portable(results), protocol=5)
 
 
 def spec_pairs(specs: list[RunSpec]) -> list[tuple[int, str]]:

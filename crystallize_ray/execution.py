@@ -15,6 +15,7 @@ import copy
 import logging
 import math
 import os
+import pickle
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -65,7 +66,7 @@ class RayExecution(ExecutionBackend):
             ``working_dir``, env vars).
         max_retries: how often Ray retries a task whose worker process or node died.
         max_in_flight: the most tasks outstanding at once; default four per CPU
-            of the cluster (at least 8).
+            of the cluster (at least 16).
         batch_size: runs per task; ``None`` (default) adapts: tasks start with one
             run, and runs that prove tiny are grouped so a task takes ~50 ms.
         retry_errors: how often a run whose step raised is run again in its task
@@ -125,6 +126,9 @@ class RayExecution(ExecutionBackend):
         if address:
             kwargs["address"] = address
         else:
+            # "local" always starts a fresh Ray: a bare ray.init() would silently join
+            # any cluster already running on this machine.
+            kwargs["address"] = "local"
             kwargs.setdefault("include_dashboard", False)  # a laptop run needs no web UI
         kwargs.setdefault("logging_level", logging.WARNING)
         ray.init(**kwargs)
@@ -147,7 +151,6 @@ class RayExecution(ExecutionBackend):
 
     def _stream(self, ray: Any, job: Experiment, plan: Sequence[RunSpec], blob: bytes) -> Iterator[RunResult]:
         holder = [ray.put(blob)]
-        task = ray.remote(_worker.run_batch)
         options: dict[str, Any] = {
             "num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_retries": self.max_retries,
         }
@@ -155,16 +158,17 @@ class RayExecution(ExecutionBackend):
             options["resources"] = self.resources
         if self.runtime_env:
             options["runtime_env"] = self.runtime_env
+        # Resources are fixed once here; each task only adds its readable name.
+        task = ray.remote(**options)(_worker.make_task(holder, self.retry_errors))
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        limit = self.max_in_flight or max(8, 4 * cpus)
+        limit = self.max_in_flight or max(16, 4 * cpus)
         sizer = _BatchSizer(self.batch_size, cpus)
         pending: deque[RunSpec] = deque(plan)
         singles: deque[RunSpec] = deque()  # runs of failed batches, retried alone
         running: dict[Any, list[RunSpec]] = {}
 
         def submit(batch: list[RunSpec]) -> None:
-            ref = task.options(name=_label(job.name, batch), **options).remote(
-                holder, _worker.spec_pairs(batch), self.retry_errors)
+            ref = task.options(name=_label(job.name, batch)).remote(_worker.spec_pairs(batch))
             running[ref] = batch
 
         while pending or singles or running:
@@ -173,14 +177,11 @@ class RayExecution(ExecutionBackend):
             while pending and len(running) < limit:
                 size = sizer.next_size(len(pending))
                 submit([pending.popleft() for _ in range(min(size, len(pending)))])
-            ready, rest = ray.wait(list(running), num_returns=1)
-            if rest:
-                more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
-                ready += more
+            ready, _ = ray.wait(list(running), num_returns=1)
             for ref in ready:
                 batch = running.pop(ref)
                 try:
-                    results = ray.get(ref)
+                    results = pickle.loads(ray.get(ref))
                 except ray.exceptions.RayTaskError as exc:
                     # The task body itself raised: e.g. the experiment could not be
                     # loaded on that node. Retrying would fail the same way.

@@ -21,6 +21,6 @@ def ray_session():
     # The embedded Ray is on loopback and lives only for this session; token auth
     # would only add a warning here, so it is disabled explicitly.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -63,6 +63,9 @@ def main() -> None:
     started = time.time()
     result = exp.run(replicates=runs)
     nodes = result.metrics.baseline.metrics.get("node", [])
+    deadline = time.time() + 60  # the GCS notices a killed node after a few heartbeats
+    while any(n["NodeID"] == doomed_id and n["Alive"] for n in ray.nodes()) and time.time() < deadline:
+        time.sleep(0.5)
     print(json.dumps({
         "runs": sorted(r.replicate for r in result.runs),
         "errors": [str(e) for e in result.errors],
