@@ -185,18 +185,10 @@ class Experiment:
         if isinstance(job.backend, AsyncExecution) and loop_running():
             raise PipelineError("Experiment.run() with AsyncExecution inside a running event loop: "
                                 "use `await experiment.arun(...)`.")
-        collected: list[RunResult] = []
-        progress = Progress(len(plan), enabled=job.backend.progress, label=f"crystallize {job.name}")
-        started = time.time()
-        try:
+        with _Collector(job, len(plan)) as collector:
             for run in job.backend.execute(job, plan):
-                job._receive(run, collected, progress)
-        except BaseException as exc:
-            exc.partial_result = job._finish(collected, started, evaluate=False)  # type: ignore[attr-defined]
-            raise
-        finally:
-            progress.close()
-        return job._finish(collected, started)
+                collector.receive(run)
+        return collector.result()
 
     async def arun(
         self,
@@ -206,18 +198,10 @@ class Experiment:
     ) -> Result:
         """Async form of :meth:`run`: use it inside an event loop."""
         job, plan = self._prepare(replicates, treatments, hypotheses)
-        collected: list[RunResult] = []
-        progress = Progress(len(plan), enabled=job.backend.progress, label=f"crystallize {job.name}")
-        started = time.time()
-        try:
+        with _Collector(job, len(plan)) as collector:
             async for run in job.backend.aexecute(job, plan):
-                job._receive(run, collected, progress)
-        except BaseException as exc:
-            exc.partial_result = job._finish(collected, started, evaluate=False)  # type: ignore[attr-defined]
-            raise
-        finally:
-            progress.close()
-        return job._finish(collected, started)
+                collector.receive(run)
+        return collector.result()
 
     def _prepare(
         self, replicates: int | None, treatments: Sequence[Treatment] | None, hypotheses: Sequence[Hypothesis] | None
@@ -235,16 +219,6 @@ class Experiment:
             plugin.before_run(job)
         plan = [RunSpec(r, c) for r in range(job.replicates) for c in job.conditions]
         return job, plan
-
-    def _receive(self, run: RunResult, collected: list[RunResult], progress: Progress) -> None:
-        collected.append(run)
-        for plugin in self.plugins:
-            try:
-                plugin.on_run_result(self, run)
-            except Exception:
-                log.exception("Plugin %s.on_run_result failed for replicate %d, condition %r; "
-                              "the run's result is kept.", type(plugin).__name__, run.replicate, run.condition)
-        progress.update(failed=run.error is not None)
 
     def _finish(self, collected: list[RunResult], started: float, *, evaluate: bool = True) -> Result:
         seed_plugin = next((p for p in self.plugins if hasattr(p, "base_seed")), None)
@@ -271,6 +245,41 @@ class Experiment:
     def __repr__(self) -> str:
         return (f"Experiment(name={self.name!r}, steps={len(self.pipeline.steps) if isinstance(self.pipeline, Pipeline) else '?'}, "
                 f"treatments={[t.name for t in self.treatments]}, replicates={self.replicates})")
+
+
+class _Collector:
+    """Aggregates one run()'s results as they stream in, whatever their order.
+
+    If the backend fails part-way (or is interrupted), the exception carries the
+    runs already finished as ``exc.partial_result``, so nothing computed is lost.
+    """
+
+    def __init__(self, job: Experiment, total: int) -> None:
+        self.job = job
+        self.runs: list[RunResult] = []
+        self.progress = Progress(total, enabled=job.backend.progress, label=f"crystallize {job.name}")
+        self.started = time.time()
+
+    def __enter__(self) -> _Collector:
+        return self
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        self.progress.close()
+        if exc is not None:
+            exc.partial_result = self.job._finish(self.runs, self.started, evaluate=False)  # type: ignore[attr-defined]
+
+    def receive(self, run: RunResult) -> None:
+        self.runs.append(run)
+        for plugin in self.job.plugins:
+            try:
+                plugin.on_run_result(self.job, run)
+            except Exception:
+                log.exception("Plugin %s.on_run_result failed for replicate %d, condition %r; "
+                              "the run's result is kept.", type(plugin).__name__, run.replicate, run.condition)
+        self.progress.update(failed=run.error is not None)
+
+    def result(self) -> Result:
+        return self.job._finish(self.runs, self.started)
 
 
 def _default_name(datasource: Any) -> str:

@@ -548,3 +548,24 @@ def test_a_near_miss_hook_name_is_reported_with_a_suggestion():
     with pytest.raises(ValidationError, match=r"Typo defines befor_run\(\).*Did you mean before_run\(\)\?") as info:
         exp.validate()
     assert len(info.value.problems) == 1
+
+
+def test_a_backend_failing_part_way_keeps_the_finished_runs_on_the_exception():
+    from crystallize import ExecutionBackend, execute_run
+
+    class DiesAfterTwo(ExecutionBackend):
+        def execute(self, experiment, plan):
+            for spec in plan[:2]:
+                yield execute_run(experiment, spec.replicate, spec.condition)
+            raise ConnectionError("cluster went away")
+
+    @pipeline_step()
+    def measure(data, ctx):
+        return data, {"r": ctx["replicate"]}
+
+    exp = Experiment(lambda ctx: 0, Pipeline([measure()]), plugins=[DiesAfterTwo()])
+    with pytest.raises(ConnectionError, match="cluster went away") as info:
+        exp.run(replicates=5)
+    partial = info.value.partial_result
+    assert partial.metrics.baseline.metrics == {"r": [0, 1]}
+    assert partial.provenance["complete"] is False
