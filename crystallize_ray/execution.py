@@ -126,9 +126,10 @@ class RayExecution(ExecutionBackend):
         if address:
             kwargs["address"] = address
         else:
-            # "local" always starts a fresh Ray: a bare ray.init() would silently join
-            # any cluster already running on this machine.
-            kwargs["address"] = "local"
+            # Ray's own default on purpose: join a Ray started with `ray start` on this
+            # machine (how a `ray submit` script finds its cluster on the head node),
+            # else start an embedded one. Pass init_kwargs={"address": "local"} to
+            # always start a fresh one.
             kwargs.setdefault("include_dashboard", False)  # a laptop run needs no web UI
         kwargs.setdefault("logging_level", logging.WARNING)
         ray.init(**kwargs)
