@@ -21,11 +21,11 @@ Rows, in the order they run:
                           reference's workload has two trivial steps, ours one.
   raw ray tasks           N ``@ray.remote`` no-op tasks submitted at once, then one
                           ``ray.get`` of all: the floor for "one task per run".
-  raw ray, streamed (8)   the same no-op tasks, but at most 8 outstanding, reaped
+  raw ray, streamed (16)  the same no-op tasks, but at most 16 outstanding, reaped
                           with ``ray.wait`` as they finish: what RayExecution does
                           (bounded in-flight window, results streamed). Shown so
                           the cost of streaming is told apart from crystallize's.
-                          (8 = RayExecution's default window, max(8, 4 x CPUs).)
+                          (16 = RayExecution's default window, max(16, 4 x CPUs).)
   RayExecution(batch=1)   one Ray task per run, like raw Ray plus what crystallize
                           adds (bounded in-flight window, context, metrics, result
                           records). Goal: <= 1.2x raw Ray per task.
@@ -310,7 +310,7 @@ def main() -> int:
         ray.get([noop.remote() for _ in range(WARM_TASKS)])
         raw = Row("raw ray tasks", runs, bench_raw_ray(ray, runs, repeat), 1.0, "raw ray tasks")
         print(f"[1] raw Ray: {raw.per_run_ms:.4f} ms/task")
-        window = max(8, 4 * int(ray.cluster_resources().get("CPU", 1)))  # RayExecution's default
+        window = max(16, 4 * int(ray.cluster_resources().get("CPU", 1)))  # RayExecution's default
         streamed = Row(f"raw ray, streamed ({window})", runs,
                        bench_raw_ray_streamed(ray, runs, repeat, window), vs="raw ray tasks")
         streamed.ratio = streamed.per_run_ms / raw.per_run_ms
