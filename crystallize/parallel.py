@@ -4,9 +4,10 @@ The process pool receives the experiment once per worker process (as the pool's
 initializer argument); each task then carries only a batch of (replicate,
 condition) pairs. A step that raises is recorded in its run. A worker process that
 dies takes down the whole pool in ``concurrent.futures``; the runs that were in
-flight are then retried one at a time in a fresh pool, so the run that kills its
-worker is identified exactly, retried up to ``max_retries`` times, and recorded as
-failed while every other run finishes. A run whose result cannot be pickled back
+flight are then retried in isolation in a fresh pool, batch by batch, halving any
+batch that breaks the pool again: the run that kills its worker is identified
+exactly, retried up to ``max_retries`` times, and recorded as failed while every
+other run finishes. A run whose result cannot be pickled back
 is recorded as failed too; a step whose ``setup()`` fails in a worker fails
 ``run()`` with that error, as under the serial backend.
 """
@@ -109,7 +110,7 @@ class ParallelExecution(ExecutionBackend):
         workers = self.max_workers or os.cpu_count() or 1
         size = self.batch_size or max(1, min(256, len(plan) // (workers * 8)))
         queue: deque[list[RunSpec]] = deque(list(plan[i:i + size]) for i in range(0, len(plan), size))
-        suspects: deque[RunSpec] = deque()
+        suspects: deque[list[RunSpec]] = deque()
         attempts: Counter[RunSpec] = Counter()
         while queue or suspects:
             with self._pool(blob, workers) as pool:
@@ -130,7 +131,7 @@ class ParallelExecution(ExecutionBackend):
         self,
         pool: ProcessPoolExecutor,
         queue: deque[list[RunSpec]],
-        suspects: deque[RunSpec],
+        suspects: deque[list[RunSpec]],
         attempts: Counter[RunSpec],
         workers: int,
     ) -> Iterator[RunResult]:
@@ -147,29 +148,42 @@ class ParallelExecution(ExecutionBackend):
                     yield from results
         except BrokenProcessPool:
             # Every batch in flight failed with the pool; which run killed it is
-            # unknown, so each of those runs is retried alone.
+            # unknown, so those batches are retried in isolation (see _isolate).
             for batch in running.values():
-                for spec in batch:
-                    attempts[spec] += 1
-                    suspects.append(spec)
+                attempts.update(batch)
+                suspects.append(batch)
             raise
 
     def _isolate(
-        self, pool: ProcessPoolExecutor, suspects: deque[RunSpec], attempts: Counter[RunSpec]
+        self, pool: ProcessPoolExecutor, suspects: deque[list[RunSpec]], attempts: Counter[RunSpec]
     ) -> Iterator[RunResult]:
+        """Run suspect batches one at a time, halving any that kills its worker.
+
+        Alone in the pool, a batch that breaks it surely holds a run that kills its
+        worker; halving finds that run in a logarithmic number of pool restarts
+        while the innocent runs of the batch complete.
+        """
         while suspects:
-            spec = suspects[0]
+            group = suspects[0]
             try:
-                (run,) = _unpack(pool.submit(_run_batch, [spec]).result())
+                runs = _unpack(pool.submit(_run_batch, group).result())
             except BrokenProcessPool:
+                suspects.popleft()
+                if len(group) > 1:
+                    half = len(group) // 2
+                    suspects.extendleft([group[half:], group[:half]])
+                    raise
+                (spec,) = group
                 attempts[spec] += 1
                 if attempts[spec] > self.max_retries:
-                    suspects.popleft()
                     yield worker_died(spec, attempts[spec], "worker process exited abruptly")
+                else:
+                    suspects.appendleft(group)
                 raise
             suspects.popleft()
-            run.attempts = attempts[spec] + 1
-            yield run
+            for run in runs:
+                run.attempts = attempts[RunSpec(run.replicate, run.condition)] + 1
+                yield run
 
 
 _WORKER: dict[str, Any] = {}

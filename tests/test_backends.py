@@ -404,6 +404,19 @@ def test_worker_that_always_dies_is_recorded_and_the_others_finish():
     assert result.metrics.baseline.metrics["value"] == [0, 1, 2, 4, 5]
 
 
+def test_a_killer_run_inside_large_batches_is_found_and_the_rest_complete():
+    # 400 runs in batches of 50: the pool breaks with up to 4 batches in flight; the
+    # isolation phase halves the guilty batch until only the killer is left.
+    exp = Experiment(lambda ctx: None, Pipeline([crash_on(doomed=137), record_replicate()]),
+                     plugins=[ParallelExecution(max_workers=2, executor_type="process",
+                                                batch_size=50, max_retries=1)],
+                     replicates=400)
+    result = exp.run()
+    assert [(e.replicate, e.step) for e in result.errors] == [(137, "worker")]
+    assert sorted(r.replicate for r in result.runs) == list(range(400))
+    assert result.metrics.baseline.metrics["value"] == [r for r in range(400) if r != 137]
+
+
 # ------------------------------------------------------ results coming back
 
 
