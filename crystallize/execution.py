@@ -14,6 +14,7 @@ serialized form via ``serialize_experiment``) to run each spec, and
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -101,10 +102,30 @@ class AsyncExecution(ExecutionBackend):
         self.progress = progress
 
     def execute(self, experiment: Experiment, plan: Sequence[RunSpec]) -> Iterator[RunResult]:
-        async def collect() -> list[RunResult]:
-            return [run async for run in self.aexecute(experiment, plan)]
+        # The event loop runs in a helper thread so results stream to the driver (and
+        # its progress line and hooks) as they finish, not all at the end.
+        results: queue.Queue[Any] = queue.Queue()
+        done = object()
 
-        yield from asyncio.run(collect())
+        async def pump() -> None:
+            async for run in self.aexecute(experiment, plan):
+                results.put(run)
+
+        def loop() -> None:
+            try:
+                asyncio.run(pump())
+            except BaseException as exc:  # re-raised in the driver below
+                results.put(exc)
+            finally:
+                results.put(done)
+
+        thread = threading.Thread(target=loop, name="crystallize-AsyncExecution", daemon=True)
+        thread.start()
+        while (item := results.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+        thread.join()
 
     async def aexecute(self, experiment: Experiment, plan: Sequence[RunSpec]) -> AsyncIterator[RunResult]:
         with steps_set_up(experiment):

@@ -516,3 +516,30 @@ def test_driver_only_parts_are_not_shipped_to_workers():
     result = exp.run(replicates=3)
     assert result.errors == [] and watcher.count == 6
     assert result.get_hypothesis("h").results == {"t": {"p_value": 0.5}}
+
+
+RECEIVED = threading.Event()
+
+
+@pipeline_step()
+async def waits_for_first_result(data, ctx):
+    if ctx["replicate"] == 1:  # runs while replicate 0's result should reach the driver
+        for _ in range(200):
+            if RECEIVED.is_set():
+                break
+            await asyncio.sleep(0.01)
+        ctx.metrics.add("saw_first_result", RECEIVED.is_set())
+    return data
+
+
+def test_async_backend_streams_results_to_the_driver_as_they_finish():
+    class Flag(BasePlugin):
+        def on_run_result(self, experiment, run):
+            if run.replicate == 0:
+                RECEIVED.set()
+
+    RECEIVED.clear()
+    exp = Experiment(lambda ctx: None, Pipeline([waits_for_first_result()]),
+                     plugins=[Flag(), AsyncExecution()], replicates=2)
+    result = exp.run()
+    assert result.run(1).metrics["saw_first_result"] == [True]
