@@ -26,11 +26,11 @@ from typing import Any
 import cloudpickle
 import xxhash
 
-from .context import _MISSING, FrozenContext
+from .context import _MISSING, FrozenContext, _Unhashable
 from .hashing import hash_struct, hash_value
 from .stores import CacheStore
 
-__all__ = ["CacheEntry", "StepCache", "decode_entry", "encode_entry"]
+__all__ = ["CacheEntry", "StepCache", "decode_entry", "encode_entry", "read_digests", "value_digest"]
 
 log = logging.getLogger("crystallize.cache")
 
@@ -83,9 +83,17 @@ def decode_entry(blob: bytes) -> CacheEntry:
         raise CorruptEntryError(f"unreadable body: {exc}") from exc
 
 
-def read_digests(reads: dict[str, Any]) -> dict[str, str]:
-    """Digest the ctx values a step read. Raises if a value cannot be hashed."""
-    return {k: _ABSENT if v is _MISSING else hash_value(v) for k, v in reads.items()}
+def value_digest(value: Any) -> str:
+    """The digest a read of ``value`` is recorded and checked with."""
+    return _ABSENT if value is _MISSING else hash_value(value)
+
+
+def read_digests(reads: dict[Any, Any]) -> dict[Any, str]:
+    """The recorded read digests; raises if a value the step read could not be hashed."""
+    for key, digest in reads.items():
+        if isinstance(digest, _Unhashable):
+            raise TypeError(f"ctx value {key!r}: {digest.error}") from digest.error
+    return dict(reads)
 
 
 class StepCache:
@@ -156,9 +164,8 @@ class StepCache:
     @staticmethod
     def _matches(entry: CacheEntry, ctx: FrozenContext) -> bool:
         for key, digest in entry.reads.items():
-            value = ctx._peek(key)
             try:
-                current = _ABSENT if value is _MISSING else hash_value(value)
+                current = value_digest(ctx._peek(key))
             except Exception:
                 return False
             if current != digest:
@@ -168,7 +175,7 @@ class StepCache:
     @staticmethod
     def _variant_key(input_hash: str, keys: Any, ctx: FrozenContext) -> str | None:
         try:
-            current = read_digests({k: ctx._peek(k) for k in keys})
+            current = {k: value_digest(ctx._peek(k)) for k in keys}
         except Exception:
             return None
         return f"{input_hash}.{_variant_digest(current)}"

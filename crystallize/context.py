@@ -59,15 +59,43 @@ def _handed_out(value: Any) -> Any:
 
 
 class _StepRecorder:
-    """What one step read from, added to and measured in a context."""
+    """What one step read from, added to and measured in a context.
 
-    __slots__ = ("reads", "added", "metrics", "artifacts")
+    Args:
+        snapshot: for cacheable steps, a function that digests a value *when it is
+            read*, so a mutable object the step changes afterwards (a random
+            generator it draws from) is recorded as the step found it. ``None``
+            records only which keys were read.
+    """
 
-    def __init__(self) -> None:
-        self.reads: dict[str, Any] = {}
+    __slots__ = ("reads", "added", "metrics", "artifacts", "snapshot")
+
+    def __init__(self, snapshot: Any = None) -> None:
+        self.reads: dict[Any, Any] = {}
         self.added: list[tuple[str, Any]] = []
         self.metrics: list[tuple[str, Any]] = []
         self.artifacts: list[Any] = []
+        self.snapshot = snapshot
+
+    def note(self, key: Any, value: Any) -> None:
+        if key in self.reads:
+            return
+        if self.snapshot is None:
+            self.reads[key] = None
+            return
+        try:
+            self.reads[key] = self.snapshot(value)
+        except Exception as exc:  # reported when the entry would be stored
+            self.reads[key] = _Unhashable(exc)
+
+
+class _Unhashable:
+    """Stands for a read value that could not be digested."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
 
 
 class ContextMetrics:
@@ -130,7 +158,7 @@ class ContextMetrics:
             snapshot = {k: list(v) for k, v in self._values.items()}
             for name, _ in reversed(recorder.metrics):
                 snapshot[name].pop()
-            recorder.reads[_METRICS_READ] = {k: tuple(v) for k, v in snapshot.items() if v}
+            recorder.note(_METRICS_READ, {k: tuple(v) for k, v in snapshot.items() if v})
 
     def __repr__(self) -> str:
         return f"ContextMetrics({dict(self.as_dict())!r})"
@@ -248,13 +276,13 @@ class FrozenContext:
         if recorder is not None and key not in recorder.reads:
             if any(key == added for added, _ in recorder.added):
                 return  # the step reads back what it added itself
-            recorder.reads[key] = value
+            recorder.note(key, value)
 
     def _note_keys(self) -> None:
         recorder = self._recorder
         if recorder is not None and _KEYS_READ not in recorder.reads:
             own = {key for key, _ in recorder.added}
-            recorder.reads[_KEYS_READ] = tuple(k for k in self._data if k not in own)
+            recorder.note(_KEYS_READ, tuple(k for k in self._data if k not in own))
 
     def _replay_artifact(self, artifact: Any) -> None:
         """Keep an artifact written (or replayed from the cache) during this run."""

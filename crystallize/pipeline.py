@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ._drive import Loop, adrive, drive, loop_error, loop_running
-from .cache import CacheEntry, StepCache, read_digests
+from .cache import CacheEntry, StepCache, read_digests, value_digest
 from .context import _ACTIVE, FrozenContext, _StepRecorder
 from .errors import ParameterError, PipelineError, StepError
 from .hashing import hash_struct, hash_value
@@ -122,7 +122,8 @@ def _run_step(
     index: int, step: PipelineStep, data: Any, ctx: FrozenContext, cache: StepCache | None
 ) -> Loop:
     started = time.perf_counter()
-    recorder = _StepRecorder()
+    # A cacheable step's reads are digested as they happen (see _StepRecorder).
+    recorder = _StepRecorder(value_digest if step.cacheable and cache is not None else None)
     ctx._recorder = recorder
     status, step_hash, input_hash = "off", None, None
     try:

@@ -251,6 +251,23 @@ def test_reading_earlier_metrics_is_tracked():
     assert CALLS["metrics"] == 2
 
 
+def test_a_read_value_is_recorded_as_the_step_found_it_not_after_it_changed_it():
+    import random
+
+    @pipeline_step(cacheable=True)
+    def draw(data, ctx):
+        CALLS.bump("draw")
+        rng = ctx.get("generator")  # a mutable object: drawing changes its state
+        return data + rng.random()
+
+    pipeline = Pipeline([draw])
+    first = run(pipeline, 0, generator=random.Random(7))[0]
+    second = run(pipeline, 0, generator=random.Random(7))[0]  # same state when read: a hit
+    other = run(pipeline, 0, generator=random.Random(8))[0]  # another state: a miss
+    assert first == second != other
+    assert CALLS["draw"] == 2
+
+
 def test_a_step_reading_back_what_it_added_still_hits():
     @pipeline_step(cacheable=True)
     def self_reader(data, ctx):
