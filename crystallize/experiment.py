@@ -233,6 +233,10 @@ class Experiment:
             "complete": evaluate,
         }
         result = Result(collected, self.conditions, provenance=provenance)
+        if result.errors:
+            log.warning("Experiment %r: %d of %d runs failed; the others finished. First: %s. "
+                        "See result.errors for every failure with its traceback.",
+                        self.name, len(result.errors), len(result.runs), result.errors[0])
         if evaluate:
             treated = {n: tm.metrics for n, tm in result.metrics.treatments.items()}
             result.metrics.hypotheses = [

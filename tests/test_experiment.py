@@ -569,3 +569,18 @@ def test_a_backend_failing_part_way_keeps_the_finished_runs_on_the_exception():
     partial = info.value.partial_result
     assert partial.metrics.baseline.metrics == {"r": [0, 1]}
     assert partial.provenance["complete"] is False
+
+
+def test_failed_runs_are_announced_in_the_log(caplog):
+    @pipeline_step()
+    def picky(data, ctx):
+        if ctx["replicate"] == 1:
+            raise KeyError("missing column 'age'")
+        return data
+
+    exp = Experiment(lambda ctx: 0, Pipeline([picky()]), name="survey")
+    with caplog.at_level(logging.WARNING, logger="crystallize.experiment"):
+        result = exp.run(replicates=3)
+    assert len(result.errors) == 1
+    assert "Experiment 'survey': 1 of 3 runs failed" in caplog.text
+    assert "replicate 1, condition 'baseline', at picky: KeyError" in caplog.text
