@@ -24,10 +24,6 @@ from crystallize import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-
 
 @pipeline_step()
 def write_report(data, ctx):

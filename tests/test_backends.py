@@ -26,10 +26,6 @@ from crystallize import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-
 
 # ------------------------------------------------------------ module-level steps
 

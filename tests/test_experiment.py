@@ -33,10 +33,6 @@ from crystallize import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-
 
 # --------------------------------------------------------------------------- steps
 

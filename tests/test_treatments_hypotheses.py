@@ -25,10 +25,6 @@ from crystallize import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-
 
 @pipeline_step()
 def scaled(data, ctx, *, factor: int = 1):
