@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from _checked import METRIC, run_checked
 from crystallize import (
     ArtifactPlugin,
     AsyncExecution,
@@ -50,7 +51,6 @@ from crystallize import (
 HERE = Path(__file__).resolve().parent
 REFERENCE_RUNNER = HERE / "_reference_runner.py"
 DEFAULT_REFERENCE_PYTHON = Path("/work/refenv/bin/python")
-METRIC = "value"
 CONSTANT = (1, 2, 3)
 WORKERS = 2
 
@@ -112,15 +112,7 @@ def time_backend(name: str, runs: int, scratch: str) -> float:
         name="overhead_probe",
         replicates=runs,
     )
-    started = time.perf_counter()
-    result = exp.run()
-    elapsed = time.perf_counter() - started
-    if result.errors:
-        raise RuntimeError(f"{name}: {len(result.errors)} runs failed, first: {result.errors[0]}")
-    values = result.metrics.baseline.metrics.get(METRIC, [])
-    if len(values) != runs:
-        raise RuntimeError(f"{name}: expected {runs} metric values, got {len(values)}")
-    return elapsed
+    return run_checked(exp, runs)
 
 
 def reference(python: Path, backend: str, runs: int, repeat: int) -> dict:

@@ -68,12 +68,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from _checked import METRIC, run_checked
 from crystallize import Experiment, ParallelExecution, Pipeline, pipeline_step
 
 HERE = Path(__file__).resolve().parent
 REFERENCE_PYTHON = Path("/work/refenv/bin/python")
 REFERENCE_RUNNER = HERE / "_reference_runner.py"
-METRIC = "value"
 WARM_TASKS = 50
 CPU_RUNS = 16
 CPU_SECONDS = 0.25
@@ -105,19 +105,6 @@ def constant(ctx):
 def noop_experiment(backend: object) -> Experiment:
     return Experiment(datasource=constant, pipeline=Pipeline([record()]),
                       plugins=[backend], cache=False, name="bench_noop")
-
-
-def run_checked(exp: Experiment, runs: int) -> float:
-    """Seconds for ``exp.run(replicates=runs)``, after checking every run succeeded."""
-    started = time.perf_counter()
-    result = exp.run(replicates=runs)
-    seconds = time.perf_counter() - started
-    if result.errors:
-        raise RuntimeError(f"{exp.name}: {len(result.errors)} of {runs} runs failed, first: {result.errors[0]}")
-    values = result.metrics.baseline.metrics.get(METRIC, [])
-    if len(values) != runs:
-        raise RuntimeError(f"{exp.name}: expected {runs} metric values, got {len(values)}")
-    return seconds
 
 
 def median_of(repeat: int, measure: Callable[[], float]) -> float:
