@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import pickle
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
@@ -24,12 +23,10 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.util import Finalize
 from typing import TYPE_CHECKING, Any
 
-import cloudpickle
-
 from .execution import ExecutionBackend
 from .result import RunResult
 from .runner import RunSpec, execute_run, steps_set_up, worker_died
-from .serialization import deserialize_experiment, portable, serialize_experiment
+from .serialization import deserialize_experiment, pack_results, serialize_experiment, unpack_results
 
 if TYPE_CHECKING:
     from .experiment import Experiment
@@ -135,7 +132,7 @@ class ParallelExecution(ExecutionBackend):
         attempts: Counter[RunSpec],
         workers: int,
     ) -> Iterator[RunResult]:
-        running: dict[Future[list[RunResult]], list[RunSpec]] = {}
+        running: dict[Future[bytes], list[RunSpec]] = {}
         try:
             while queue or running:
                 while queue and len(running) < workers * 2:
@@ -143,7 +140,7 @@ class ParallelExecution(ExecutionBackend):
                     running[future] = queue.popleft()
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    results = _unpack(future.result())  # raises BrokenProcessPool if a worker died
+                    results = unpack_results(future.result())  # raises BrokenProcessPool if a worker died
                     del running[future]
                     yield from results
         except BrokenProcessPool:
@@ -166,7 +163,7 @@ class ParallelExecution(ExecutionBackend):
         while suspects:
             group = suspects[0]
             try:
-                runs = _unpack(pool.submit(_run_batch, group).result())
+                runs = unpack_results(pool.submit(_run_batch, group).result())
             except BrokenProcessPool:
                 suspects.popleft()
                 if len(group) > 1:
@@ -209,22 +206,4 @@ def _run_batch(batch: list[RunSpec]) -> bytes:
     if "error" in _WORKER:
         raise _WORKER["error"]
     experiment = _WORKER["experiment"]
-    return _pack([execute_run(experiment, spec.replicate, spec.condition) for spec in batch])
-
-
-def _unpack(blob: bytes) -> list[RunResult]:
-    return pickle.loads(blob)
-
-
-def _pack(runs: list[RunResult]) -> bytes:
-    """Pickle a batch's runs for the trip back to the driver, in the worker.
-
-    A result holding a lambda (e.g. an injected step parameter from ``initial_ctx``,
-    which travelled here with cloudpickle) goes back with cloudpickle too; a result
-    that cannot be pickled at all becomes a failed run instead of breaking the
-    experiment.
-    """
-    try:
-        return pickle.dumps(runs, protocol=5)
-    except Exception:
-        return cloudpickle.dumps(portable(runs), protocol=5)
+    return pack_results([execute_run(experiment, spec.replicate, spec.condition) for spec in batch])

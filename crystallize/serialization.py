@@ -19,7 +19,7 @@ from .result import RunError, RunResult
 if TYPE_CHECKING:
     from .experiment import Experiment
 
-__all__ = ["deserialize_experiment", "portable", "serialize_experiment"]
+__all__ = ["deserialize_experiment", "pack_results", "portable", "serialize_experiment", "unpack_results"]
 
 
 def serialize_experiment(experiment: Experiment, *, backend: str = "process/Ray") -> bytes:
@@ -102,6 +102,28 @@ def _culprit(obj: Any, depth: int = 0) -> tuple[str | None, Any]:
             inner, found = _culprit(value, depth + 1)
             return (f"{name}.{inner}" if inner else name), found
     return None, obj
+
+
+def pack_results(runs: list[RunResult]) -> bytes:
+    """Pickle a batch of results in the worker, for the trip back to the driver.
+
+    Plain pickle is the fastest; cloudpickle carries what plain pickle cannot (a
+    lambda that travelled here inside the experiment and ended up in a step's
+    parameters); a result neither can pickle becomes a failed run of its own
+    (:func:`portable`) instead of failing the batch or the experiment.
+    """
+    try:
+        return pickle.dumps(runs, protocol=5)
+    except Exception:
+        try:
+            return cloudpickle.dumps(runs, protocol=5)
+        except Exception:
+            return cloudpickle.dumps(portable(runs), protocol=5)
+
+
+def unpack_results(blob: bytes) -> list[RunResult]:
+    """The inverse of :func:`pack_results`, in the driver."""
+    return pickle.loads(blob)
 
 
 def portable(runs: list[RunResult]) -> list[RunResult]:

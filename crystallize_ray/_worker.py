@@ -8,14 +8,11 @@ experiments are kept; an evicted one, and all of them at process exit, are torn 
 from __future__ import annotations
 
 import atexit
-import pickle
 from collections import OrderedDict
 from typing import Any
 
-import cloudpickle
-
-from crystallize import RunResult, RunSpec, deserialize_experiment, execute_run, steps_set_up
-from crystallize.serialization import portable
+from crystallize import RunSpec, deserialize_experiment, execute_run, steps_set_up
+from crystallize.serialization import pack_results
 
 __all__ = ["make_task", "run_batch", "spec_pairs"]
 
@@ -57,9 +54,8 @@ def make_task(holder: list[Any], retry_errors: int) -> Any:
 def run_batch(holder: list[Any], batch: list[tuple[int, str]], retry_errors: int) -> bytes:
     """Execute a batch of runs of the experiment behind ``holder[0]`` (an ObjectRef).
 
-    Returns the pickled results: plain pickle is the cheapest form for Ray to move,
-    cloudpickle carries values plain pickle cannot (lambdas), and a result neither can
-    pickle becomes a failed run of its own.
+    Returns the results packed by ``pack_results``: bytes are the cheapest thing
+    for Ray to move, and a result that cannot be pickled fails only its own run.
     """
     experiment = _experiment(holder[0])
     results = []
@@ -71,13 +67,7 @@ def run_batch(holder: list[Any], batch: list[tuple[int, str]], retry_errors: int
             tries += 1
         run.attempts = tries
         results.append(run)
-    try:
-        return pickle.dumps(results, protocol=5)
-    except Exception:
-        try:
-            return cloudpickle.dumps(results, protocol=5)
-        except Exception:
-            return cloudpickle.dumps(portable(results), protocol=5)
+    return pack_results(results)
 
 
 def spec_pairs(specs: list[RunSpec]) -> list[tuple[int, str]]:

@@ -15,7 +15,6 @@ import copy
 import logging
 import math
 import os
-import pickle
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -27,6 +26,7 @@ from crystallize import (
     serialize_experiment,
 )
 from crystallize.runner import failed_run, worker_died
+from crystallize.serialization import unpack_results
 from crystallize.stores import default_cache_store
 
 from . import _worker
@@ -182,7 +182,7 @@ class RayExecution(ExecutionBackend):
             for ref in ready:
                 batch = running.pop(ref)
                 try:
-                    results = pickle.loads(ray.get(ref))
+                    results = unpack_results(ray.get(ref))
                 except ray.exceptions.RayTaskError as exc:
                     # The task body itself raised: e.g. the experiment could not be
                     # loaded on that node. Retrying would fail the same way.
