@@ -62,6 +62,7 @@ class RunResult:
         error: why the run failed, or ``None``.
         seconds: wall time of the run.
         attempts: how many times a backend started it (retries after lost workers).
+        artifact_errors: one message per artifact the driver could not save.
     """
 
     replicate: int
@@ -73,6 +74,7 @@ class RunResult:
     error: RunError | None = None
     seconds: float = 0.0
     attempts: int = 1
+    artifact_errors: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -199,6 +201,7 @@ class Result:
                 lines.append(f"  {tname}: ERROR {err.splitlines()[0]}")
         for err in self.errors:
             lines.append(f"FAILED {err}")
+        lines.extend(f"ARTIFACT NOT WRITTEN {m}" for r in self.runs for m in r.artifact_errors)
         return "\n".join(lines)
 
     def __str__(self) -> str:

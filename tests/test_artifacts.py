@@ -4,6 +4,8 @@ backend; unsafe names refused; cached steps replay theirs."""
 from __future__ import annotations
 
 import asyncio
+import doctest
+import logging
 import os
 
 import pytest
@@ -22,7 +24,8 @@ from crystallize import (
     Treatment,
     pipeline_step,
 )
-
+from crystallize import artifacts as artifacts_module
+from crystallize.artifacts import path_part
 
 
 @pipeline_step()
@@ -123,6 +126,22 @@ def test_empty_artifact_names_refused(name):
         Artifact(name)
 
 
+@pytest.mark.parametrize("name", ["plots//loss.csv", "plots/./loss.csv", "./loss.csv", "plots/", "."])
+def test_empty_or_dot_parts_refused(name):
+    with pytest.raises(ArtifactError, match=r"has an empty or '\.' part.*such as 'plots/loss.csv'"):
+        Artifact(name)
+
+
+def test_nul_in_artifact_name_refused():
+    with pytest.raises(ArtifactError, match="contains a NUL character; remove it"):
+        Artifact("plots/lo\0ss.csv")
+
+
+def test_empty_path_part_refused():
+    with pytest.raises(ArtifactError, match="must be a non-empty string, got ''"):
+        path_part("")
+
+
 def test_unsafe_name_inside_a_step_is_a_run_error(tmp_path):
     @pipeline_step()
     def escape(data, ctx):
@@ -186,3 +205,159 @@ def test_concurrent_async_runs_keep_their_own_artifacts(tmp_path):
         path = tmp_path / "arts" / "concurrent" / "v0" / "baseline" / f"replicate_{r}" / "mine.txt"
         assert path.read_text() == f"replicate {r}"
         assert [a.name for a in result.run(r).artifacts] == ["mine.txt"]
+
+
+@pipeline_step()
+def measure_and_write(data, ctx):
+    ctx.metrics.add("score", ctx["replicate"] + 0.5)
+    Artifact("sub/x.txt").write("sub")
+    Artifact("raw.bin").write(b"raw")
+    Artifact("plots/loss.csv").write("loss")
+    return data
+
+
+def _run(tmp_path, name="guarded", backend=None, **kwargs):
+    plugins = [ArtifactPlugin(root_dir=tmp_path / "arts", versioned=False), backend or SerialExecution()]
+    exp = Experiment(lambda ctx: [1], Pipeline([measure_and_write()]), plugins=plugins, name=name, **kwargs)
+    return exp.run()
+
+
+def _files(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def test_path_part_is_readable_and_keeps_any_script():
+    assert [path_part(n) for n in ["lr=0.1", "lr/0.1", "lr 0.1", "温度", "湿度", "50%", "a~b", ".", ".."]] == [
+        "lr%3D0.1", "lr%2F0.1", "lr%200.1", "温度", "湿度", "50%25", "a%7Eb", "%2E", "%2E%2E"]
+    assert path_part("run-1_final.v2") == "run-1_final.v2"
+    assert path_part("a\0b") == "a%00b"
+
+
+def test_path_part_is_injective_where_escaping_alone_would_not_be():
+    names = ["lr=0.1", "lr%3D0.1", "lr%253D0.1", "lr_0.1", ".", "%2E", "..", "...", "a b", "a_b", "a%20b"]
+    assert len({path_part(n) for n in names}) == len(names)
+
+
+def test_docstring_examples_run():
+    failed, attempted = doctest.testmod(artifacts_module)
+    assert attempted >= 3 and failed == 0
+
+
+def test_colliding_condition_names_land_in_distinct_readable_folders(tmp_path):
+    names = ["lr=0.1", "lr/0.1", "lr 0.1", "温度", "湿度"]
+    result = _run(tmp_path, name="exp/β 1", treatments=[Treatment(n, {"k": i}) for i, n in enumerate(names)])
+    assert result.errors == []
+    base = tmp_path / "arts" / "exp%2Fβ%201"
+    assert sorted(p.name for p in base.iterdir()) == sorted(
+        ["baseline", "lr%3D0.1", "lr%2F0.1", "lr%200.1", "温度", "湿度"])
+    for name in names:
+        assert (base / path_part(name) / "replicate_0" / "plots" / "loss.csv").read_text() == "loss"
+    assert _files(tmp_path / "arts") == sorted(
+        f"exp%2Fβ%201/{c}/replicate_0/{f}" for c in ["baseline", *map(path_part, names)]
+        for f in ["sub/x.txt", "raw.bin", "plots/loss.csv"])
+
+
+def test_dot_condition_names_stay_inside_their_own_folders(tmp_path):
+    result = _run(tmp_path, treatments=[Treatment(".", {}), Treatment("..", {})])
+    assert result.errors == [] and all(r.artifact_errors == [] for r in result.runs)
+    base = tmp_path / "arts" / "guarded"
+    assert sorted(p.name for p in base.iterdir()) == ["%2E", "%2E%2E", "baseline"]
+    assert [p.name for p in (tmp_path / "arts").iterdir()] == ["guarded"]
+    assert (base / "%2E%2E" / "replicate_0" / "raw.bin").read_bytes() == b"raw"
+
+
+def test_case_only_differences_are_warned_about(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="crystallize"):
+        _run(tmp_path, treatments=[Treatment("Fast", {}), Treatment("fast", {})])
+    assert "Conditions 'Fast' and 'fast' differ only in case" in caplog.text
+
+
+def test_over_long_names_keep_a_readable_prefix_a_hash_and_the_extension(tmp_path):
+    long_a, long_b = "x" * 300 + "a", "x" * 300 + "b"
+    part = path_part(long_a)
+    assert len(part.encode()) <= 255 and part.startswith("x" * 200) and "~" in part
+    assert part != path_part(long_b)
+    # golden: folder names of long conditions must not move between versions
+    assert path_part("x" * 300) == "x" * 238 + "~125237ea2ad7bc7a"
+    wide = path_part("温" * 100 + ".csv")  # 304 bytes: cut at a whole character
+    assert wide.endswith(".csv") and wide.startswith("温" * 70) and len(wide.encode()) <= 255
+    escaped = path_part("=" * 100)  # cut at a whole %3D escape
+    assert escaped.split("~")[0] == "%3D" * (len(escaped.split("~")[0]) // 3)
+
+    @pipeline_step()
+    def long_file(data, ctx):
+        Artifact("plots/" + "loss" * 80 + ".csv").write("long")
+        return data
+
+    plugin = ArtifactPlugin(root_dir=tmp_path / "arts", versioned=False)
+    result = Experiment(lambda ctx: [1], Pipeline([long_file()]), plugins=[plugin], name="long",
+                        treatments=[Treatment(long_a, {}), Treatment(long_b, {})]).run()
+    assert result.errors == [] and all(r.artifact_errors == [] for r in result.runs)
+    for condition in (long_a, long_b):
+        target = plugin.path_for(0, condition, "plots/" + "loss" * 80 + ".csv")
+        assert target.read_text() == "long" and target.name.endswith(".csv")
+    assert len(list((tmp_path / "arts" / "long").iterdir())) == 3
+
+
+def test_symlinked_folder_inside_the_root_is_not_followed(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    replicate = tmp_path / "arts" / "guarded" / "baseline" / "replicate_0"
+    replicate.mkdir(parents=True)
+    (replicate / "sub").symlink_to(outside, target_is_directory=True)
+    (replicate / "plots").symlink_to(outside, target_is_directory=True)
+    result = _run(tmp_path)
+    assert list(outside.iterdir()) == []
+    run = result.run(0)
+    assert len(run.artifact_errors) == 2
+    assert run.artifact_errors[0].startswith("replicate 0, condition 'baseline': artifact 'sub/x.txt'")
+    assert "is a symbolic link; crystallize follows no link below the artifact root" in run.artifact_errors[0]
+    assert "Remove the link" in run.artifact_errors[0]
+    assert (replicate / "raw.bin").read_bytes() == b"raw"
+    assert result.metrics.baseline.metrics == {"score": [0.5]}
+
+
+def test_symlink_in_place_of_the_file_is_replaced_not_written_through(tmp_path):
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"keep me")
+    replicate = tmp_path / "arts" / "guarded" / "baseline" / "replicate_0"
+    replicate.mkdir(parents=True)
+    (replicate / "raw.bin").symlink_to(victim)
+    result = _run(tmp_path)
+    assert result.run(0).artifact_errors == []
+    assert victim.read_bytes() == b"keep me"
+    assert not (replicate / "raw.bin").is_symlink() and (replicate / "raw.bin").read_bytes() == b"raw"
+
+
+def test_symlinked_experiment_folder_is_refused_before_any_run(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "arts").mkdir()
+    (tmp_path / "arts" / "guarded").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ArtifactError, match=r"guarded' is a symbolic link.*make its target the root_dir"):
+        _run(tmp_path)
+    assert list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_failed_writes_are_recorded_on_the_run_and_the_others_still_land(tmp_path, caplog, backend):
+    replicate = tmp_path / "arts" / "guarded" / "baseline" / "replicate_0"
+    (replicate / "raw.bin").mkdir(parents=True)  # a folder where the file goes
+    (replicate / "sub").write_text("a file where a folder goes")
+    with caplog.at_level(logging.WARNING, logger="crystallize"):
+        result = _run(tmp_path, replicates=2, backend=BACKENDS[backend]())
+    assert result.errors == []
+    assert result.metrics.baseline.metrics == {"score": [0.5, 1.5]}
+    errors = result.run(0).artifact_errors
+    assert len(errors) == 2
+    assert errors[0].startswith("replicate 0, condition 'baseline': artifact 'sub/x.txt' could not be written")
+    assert "is a file where a folder is needed; move it away" in errors[0]
+    assert errors[1].startswith("replicate 0, condition 'baseline': artifact 'raw.bin' could not be written")
+    assert "IsADirectoryError" in errors[1] and "Remove what is in the way" in errors[1]
+    assert (replicate / "plots" / "loss.csv").read_text() == "loss"
+    assert result.run(1).artifact_errors == []
+    assert _files(replicate.parent / "replicate_1") == ["plots/loss.csv", "raw.bin", "sub/x.txt"]
+    assert caplog.text.count("Artifact not written") == 2
+    lines = [line for line in result.summary().splitlines() if line.startswith("ARTIFACT NOT WRITTEN")]
+    assert lines == [f"ARTIFACT NOT WRITTEN {e}" for e in errors]
+    assert [p.name for p in replicate.iterdir() if p.name.endswith(".tmp")] == []
