@@ -49,7 +49,7 @@ def _owned(value: Any) -> Any:
     return value
 
 
-def _handed_out(value: Any) -> Any:
+def handed_out(value: Any) -> Any:
     """What a reader gets: mutable containers are copied so edits cannot leak back."""
     if isinstance(value, (dict, list, set, bytearray)) or (
         isinstance(value, tuple) and not all(isinstance(v, _IMMUTABLE) for v in value)
@@ -203,19 +203,55 @@ class FrozenContext:
         for key, value in (initial or {}).items():
             self._store(key, value)
 
+    @classmethod
+    def for_run(
+        cls, initial: Mapping[str, Any], *, replicate: int, condition: str,
+        logger: logging.Logger | None = None,
+    ) -> FrozenContext:
+        """A run's fresh context: ``initial`` plus ``replicate`` and ``condition``.
+
+        The keys of ``initial`` are the baseline's configuration: until
+        :meth:`seal_overrides` is called, each may be set once more (by the run's
+        treatment). Every other key is write-once from the start.
+
+        Example:
+            >>> ctx = FrozenContext.for_run({"lr": 0.1}, replicate=0, condition="fast")
+            >>> ctx.add("lr", 0.5)          # the treatment's value wins
+            >>> ctx.seal_overrides()
+            >>> ctx["lr"], ctx["replicate"]
+            (0.5, 0)
+        """
+        ctx = cls({**initial, "replicate": replicate, "condition": condition}, logger=logger)
+        ctx._overridable = frozenset(initial) - {"replicate", "condition"}
+        return ctx
+
+    def seal_overrides(self) -> None:
+        """From now on no key may be set again (see :meth:`for_run`)."""
+        self._overridable = frozenset()
+
     # -- reading --------------------------------------------------------------
+    def peek(self, key: str, default: Any = None) -> Any:
+        """Like :meth:`get`, but not recorded as a read of the running step.
+
+        For the framework (parameter injection, plugins, backends), whose lookups are
+        part of a cache key already or happen outside steps. The value is the stored
+        one, not a copy: do not edit it.
+        """
+        value = self._data.get(key, _MISSING)
+        return default if value is _MISSING else value
+
     def get(self, key: str, default: Any = None) -> Any:
         """Return the value for ``key``, or ``default`` when it is absent."""
         value = self._data.get(key, _MISSING)
         self._note_read(key, value)
-        return default if value is _MISSING else _handed_out(value)
+        return default if value is _MISSING else handed_out(value)
 
     def __getitem__(self, key: str) -> Any:
         value = self._data.get(key, _MISSING)
         self._note_read(key, value)
         if value is _MISSING:
             raise KeyError(key)
-        return _handed_out(value)
+        return handed_out(value)
 
     def __contains__(self, key: object) -> bool:
         value = self._data.get(key, _MISSING)  # type: ignore[call-overload]
@@ -239,7 +275,7 @@ class FrozenContext:
         self._note_keys()
         for key, value in self._data.items():
             self._note_read(key, value)
-        return MappingProxyType({k: _handed_out(v) for k, v in self._data.items()})
+        return MappingProxyType({k: handed_out(v) for k, v in self._data.items()})
 
     # -- writing --------------------------------------------------------------
     def add(self, key: str, value: Any) -> None:
@@ -250,13 +286,8 @@ class FrozenContext:
             recorder.added.append((key, self._data[key]))
 
     def __setitem__(self, key: str, value: Any) -> None:
-        if key in self._data:
-            raise ContextMutationError(key)
-        raise ContextMutationError(
-            key,
-            f"FrozenContext does not support item assignment (ctx[{key!r}] = ...). "
-            f"Use ctx.add({key!r}, value) to add a new key.",
-        )
+        """``ctx[key] = value`` is ``ctx.add(key, value)``: new keys only."""
+        self.add(key, value)
 
     def __delitem__(self, key: str) -> None:
         raise ContextMutationError(key, f"Context keys cannot be deleted (tried {key!r}).")

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable
 from typing import Any
 
-from .context import _MISSING, FrozenContext
-from .errors import MissingParameterError, UnknownParameterError
+from .context import FrozenContext
+from .params import Signature, rebuild
 
 __all__ = ["DataSource", "data_source"]
 
@@ -39,48 +38,33 @@ class DataSource:
 
 
 class _FunctionSource(DataSource):
-    def __init__(self, factory: Callable[..., Any], fn: Callable[..., Any], params: dict[str, Any]) -> None:
-        self._factory, self.fn, self.params = factory, fn, dict(params)
-        signature = inspect.signature(fn)
-        self._names = [p for p in list(signature.parameters)[1:]]
-        self._defaults = {
-            p.name: p.default for p in signature.parameters.values()
-            if p.default is not inspect.Parameter.empty
-        }
+    """A data source built by a ``@data_source`` factory: the function plus explicit params."""
+
+    def __init__(self, factory: Callable[..., Any], fn: Callable[..., Any],
+                 signature: Signature, params: dict[str, Any]) -> None:
+        self._factory, self.fn, self._signature = factory, fn, signature
+        self.params = dict(params)
 
     @property
     def name(self) -> str:
         return self.fn.__name__
 
     def fetch(self, ctx: FrozenContext) -> Any:
-        kwargs = dict(self.params)
-        for pname in self._names:
-            if pname in kwargs:
-                continue
-            value = ctx._peek(pname)
-            if value is not _MISSING:
-                kwargs[pname] = value
-            elif pname in self._defaults:
-                kwargs[pname] = self._defaults[pname]
-            else:
-                raise MissingParameterError(
-                    f"Data source {self.name!r} needs parameter {pname!r}: pass it "
-                    f"({self.name}({pname}=...)), put it in initial_ctx, or give it a default."
-                )
-        return self.fn(ctx, **kwargs)
+        return self.fn(ctx, **self._signature.resolve(self.name, self.params, ctx))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (self._factory, self.params))
-
-
-def _rebuild(factory: Callable[..., Any], params: dict[str, Any]) -> DataSource:
-    return factory(**params)
+        return (rebuild, (self._factory, self.params))
 
 
 def data_source(fn: Callable[..., Any]) -> Callable[..., DataSource]:
     """Turn ``fn(ctx, *, params...)`` into a factory of :class:`DataSource` objects.
 
-    Parameters are filled like step parameters: explicit > context > default.
+    Parameters are filled like step parameters: explicit > context > default, and
+    each value is the function's own copy.
+
+    Raises:
+        UnknownParameterError: (a ``TypeError``) when the factory is given a name the
+            function does not take (unless it takes ``**kwargs``).
 
     Example:
         >>> @data_source
@@ -89,17 +73,12 @@ def data_source(fn: Callable[..., Any]) -> Callable[..., DataSource]:
         >>> numbers(n=2)(FrozenContext())
         [0, 1]
     """
-    valid = [p for p in list(inspect.signature(fn).parameters)[1:]]
+    signature = Signature(fn, first="ctx", kind="Data source")
 
     @functools.wraps(fn)
     def factory(**params: Any) -> DataSource:
-        unknown = [k for k in params if k not in valid]
-        if unknown:
-            raise UnknownParameterError(
-                f"Data source {fn.__name__!r} got unknown parameter(s) "
-                f"{', '.join(map(repr, unknown))}; its parameters are: {', '.join(valid) or '(none)'}."
-            )
-        return _FunctionSource(factory, fn, params)
+        signature.check_explicit(fn.__name__, params)
+        return _FunctionSource(factory, fn, signature, params)
 
     factory.__crystallize_function__ = fn  # type: ignore[attr-defined]
     return factory

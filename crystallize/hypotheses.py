@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .params import rebuild
+
 __all__ = ["Hypothesis", "HypothesisResult", "Verifier", "hypothesis", "verifier"]
 
 
@@ -38,14 +40,10 @@ class Verifier:
         return dict(result)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (self._factory, self.params))
+        return (rebuild, (self._factory, self.params))
 
     def __repr__(self) -> str:
         return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in self.params.items())})"
-
-
-def _rebuild(factory: Callable[..., Verifier], params: dict[str, Any]) -> Verifier:
-    return factory(**params)
 
 
 def verifier(fn: Callable[..., Any]) -> Callable[..., Verifier]:

@@ -13,9 +13,10 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .context import _MISSING, FrozenContext, _handed_out
-from .errors import MissingParameterError, UnknownParameterError
+from .context import FrozenContext
 from .fingerprint import code_fingerprint
+from .hashing import hash_struct
+from .params import Signature, rebuild
 
 __all__ = ["PipelineStep", "pipeline_step"]
 
@@ -93,6 +94,17 @@ class PipelineStep:
             self.__dict__["_crystallize_code"] = cached
         return identity, cached
 
+    @property
+    def step_hash(self) -> str:
+        """Digest of this step's identity, code and explicit parameters.
+
+        It names the step's folder in the cache (``.cache/<step_hash>/...``) when no
+        parameter is injected from the context; injected values are part of each
+        entry's key instead.
+        """
+        identity, code = self.cache_identity()
+        return hash_struct("step", identity, code, dict(self.params), {})
+
     def is_async(self) -> bool:
         """Whether calling the step returns an awaitable."""
         return inspect.iscoroutinefunction(type(self).__call__)
@@ -115,35 +127,6 @@ def _rebuild_heavy(cls: type[PipelineStep], args: tuple[Any, ...], kwargs: dict[
     return cls(*args, **kwargs)
 
 
-class _Signature:
-    """What a step function accepts, read once at decoration time."""
-
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        sig = inspect.signature(fn)
-        params = list(sig.parameters.values())
-        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        if not params or params[0].kind not in positional:
-            raise TypeError(
-                f"@pipeline_step function {fn.__qualname__!r} must take the data as its "
-                f"first positional parameter, e.g. def {fn.__name__}(data, ctx, *, param=1)."
-            )
-        self.wants_ctx = any(p.name == "ctx" for p in params[1:])
-        self.accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-        self.defaults: dict[str, Any] = {}
-        self.names: list[str] = []
-        for p in params[1:]:
-            if p.name == "ctx" or p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
-                continue
-            if p.kind is inspect.Parameter.POSITIONAL_ONLY:
-                raise TypeError(
-                    f"@pipeline_step function {fn.__qualname__!r}: parameter {p.name!r} is "
-                    f"positional-only; step parameters must be passable by keyword."
-                )
-            self.names.append(p.name)
-            if p.default is not inspect.Parameter.empty:
-                self.defaults[p.name] = p.default
-
-
 class FunctionStep(PipelineStep):
     """A step built by a ``@pipeline_step`` factory: the function plus explicit params."""
 
@@ -151,7 +134,7 @@ class FunctionStep(PipelineStep):
         self,
         factory: Callable[..., FunctionStep],
         fn: Callable[..., Any],
-        signature: _Signature,
+        signature: Signature,
         explicit: dict[str, Any],
         cacheable: bool,
         version: str | None,
@@ -179,31 +162,7 @@ class FunctionStep(PipelineStep):
             MissingParameterError: a parameter has no explicit value, no ctx value and
                 no default.
         """
-        # Copies, so a step that edits a list parameter cannot change later runs.
-        resolved = {k: _handed_out(v) for k, v in self._explicit.items()}
-        for pname in self._signature.names:
-            if pname in resolved:
-                continue
-            value = ctx._peek(pname)
-            if value is not _MISSING:
-                # A copy, as ctx.get gives: a step editing an injected list must not
-                # edit the context.
-                resolved[pname] = _handed_out(value)
-            elif pname in self._signature.defaults:
-                resolved[pname] = self._signature.defaults[pname]
-            else:
-                raise MissingParameterError(
-                    f"Step {self.name!r} needs parameter {pname!r}, but it was not given "
-                    f"when the step was built, is not in the context, and has no default. "
-                    f"Pass it explicitly ({self.name}({pname}=...)), add it to the "
-                    f"experiment's initial_ctx or a treatment, or give it a default."
-                )
-        return resolved
-
-    def injected(self, ctx: FrozenContext) -> dict[str, Any]:
-        """The resolved parameters that did not come from explicit values."""
-        resolved = self.resolve_params(ctx)
-        return {k: v for k, v in resolved.items() if k not in self._explicit}
+        return self._signature.resolve(self.name, self._explicit, ctx)
 
     def __call__(self, data: Any, ctx: FrozenContext) -> Any:
         return self.call_resolved(data, ctx, self.resolve_params(ctx))
@@ -223,11 +182,7 @@ class FunctionStep(PipelineStep):
     def __reduce__(self) -> tuple[Any, ...]:
         # Ship the recipe (factory + explicit params), never the wrapped function by
         # name: the module attribute with the function's name is the factory.
-        return (_rebuild_step, (self._factory, self._explicit))
-
-
-def _rebuild_step(factory: Callable[..., FunctionStep], explicit: dict[str, Any]) -> FunctionStep:
-    return factory(**explicit)
+        return (rebuild, (self._factory, self._explicit))
 
 
 def pipeline_step(
@@ -256,17 +211,11 @@ def pipeline_step(
     """
 
     def decorate(func: Callable[..., Any]) -> Callable[..., FunctionStep]:
-        signature = _Signature(func)
+        signature = Signature(func, first="data", kind="Step")
 
         @functools.wraps(func)
         def factory(**params: Any) -> FunctionStep:
-            unknown = [k for k in params if k not in signature.names]
-            if unknown and not signature.accepts_any:
-                valid = ", ".join(signature.names) or "(none)"
-                raise UnknownParameterError(
-                    f"Step {func.__name__!r} got unknown parameter(s) "
-                    f"{', '.join(map(repr, unknown))}; its parameters are: {valid}."
-                )
+            signature.check_explicit(func.__name__, params)
             return FunctionStep(factory, func, signature, params, cacheable, version)
 
         factory.__crystallize_function__ = func  # type: ignore[attr-defined]

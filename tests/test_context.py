@@ -75,11 +75,15 @@ def test_item_assignment_to_an_existing_key_raises():
     assert ctx["factor"] == 2
 
 
-def test_item_assignment_to_a_new_key_raises_and_points_to_add():
-    ctx = FrozenContext()
-    with pytest.raises(ContextMutationError, match=r"ctx\.add\('fresh'"):
-        ctx["fresh"] = 1
-    assert "fresh" not in ctx
+def test_item_assignment_adds_a_new_key_like_add_and_never_changes_one():
+    ctx = FrozenContext({"k": 1})
+    ctx["fresh"] = [1, 2]
+    assert ctx["fresh"] == [1, 2]
+    with pytest.raises(ContextMutationError, match="'fresh'"):
+        ctx["fresh"] = 3
+    with pytest.raises(ContextMutationError, match="'k'"):
+        ctx["k"] = 2
+    assert ctx["k"] == 1 and ctx["fresh"] == [1, 2]
 
 
 def test_keys_cannot_be_deleted():
