@@ -3,12 +3,14 @@
 The public face: everything a user needs is importable from here.
 """
 
-from .artifacts import Artifact, ArtifactPlugin
+from .artifacts import Artifact, ArtifactPlugin, path_part
 from .cache import CacheEntry, StepCache
 from .context import ContextMetrics, FrozenContext
 from .datasource import DataSource, data_source
 from .errors import (
     ArtifactError,
+    BackendError,
+    ConfigurationError,
     ContextMutationError,
     CrystallizeError,
     MissingParameterError,
@@ -18,6 +20,7 @@ from .errors import (
     StepError,
     UnknownParameterError,
     ValidationError,
+    WorkerCrashedError,
 )
 from .execution import AsyncExecution, ExecutionBackend, SerialExecution
 from .experiment import Experiment
@@ -26,7 +29,7 @@ from .hypotheses import Hypothesis, HypothesisResult, Verifier, hypothesis, veri
 from .parallel import ParallelExecution
 from .pipeline import Pipeline
 from .plugins import BasePlugin, LoggingPlugin, SeedPlugin
-from .provenance import StepRecord
+from .provenance import CacheStatus, StepRecord
 from .result import (
     ArtifactRecord,
     ExperimentMetrics,
@@ -50,10 +53,13 @@ __all__ = [
     "ArtifactRecord",
     "AsyncExecution",
     "BASELINE",
+    "BackendError",
     "BasePlugin",
     "CACHE_FORMAT_VERSION",
     "CacheEntry",
+    "CacheStatus",
     "CacheStore",
+    "ConfigurationError",
     "ContextMetrics",
     "ContextMutationError",
     "CrystallizeError",
@@ -87,12 +93,14 @@ __all__ = [
     "UnknownParameterError",
     "ValidationError",
     "Verifier",
+    "WorkerCrashedError",
     "aexecute_run",
     "data_source",
     "deserialize_experiment",
     "execute_run",
     "hash_value",
     "hypothesis",
+    "path_part",
     "pipeline_step",
     "serialize_experiment",
     "steps_set_up",

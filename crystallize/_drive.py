@@ -15,7 +15,7 @@ from .errors import PipelineError
 
 Loop = Generator[Awaitable[Any], Any, Any]
 
-__all__ = ["Loop", "adrive", "drive", "loop_running"]
+__all__ = ["Loop", "adrive", "drive", "is_interrupt", "loop_running"]
 
 
 def drive(loop: Loop) -> Any:
@@ -35,7 +35,9 @@ def drive(loop: Loop) -> Any:
                 event_loop = asyncio.new_event_loop()
             try:
                 send, error = event_loop.run_until_complete(_await(pending)), None
-            except Exception as exc:
+            except BaseException as exc:
+                if is_interrupt(exc):
+                    raise
                 send, error = None, exc
     finally:
         loop.close()
@@ -55,10 +57,31 @@ async def adrive(loop: Loop) -> Any:
                 return done.value
             try:
                 send, error = await pending, None
-            except Exception as exc:
+            except BaseException as exc:
+                if is_interrupt(exc):
+                    raise
                 send, error = None, exc
     finally:
         loop.close()
+
+
+def is_interrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` must stop the experiment rather than fail one run.
+
+    Only Ctrl-C (``KeyboardInterrupt``), a generator being closed, and the
+    cancellation of the asyncio task running the run stop it. ``sys.exit()``, a stray
+    ``CancelledError`` or a custom ``BaseException`` raised by a step fail that run.
+    """
+    if isinstance(exc, (KeyboardInterrupt, GeneratorExit)):
+        return True
+    if isinstance(exc, asyncio.CancelledError):
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no running loop: nothing of ours is being cancelled
+            return False
+        cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+        return task is not None and (cancelling is None or cancelling() > 0)
+    return False
 
 
 def loop_running() -> bool:

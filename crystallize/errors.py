@@ -3,6 +3,8 @@
 ::
 
     CrystallizeError
+    ├── BackendError              a backend did not return every planned run exactly once
+    ├── ConfigurationError        (also a ValueError) an option has an invalid value
     ├── ContextMutationError      a run tried to change a context key it already has
     ├── ParameterError            a step's parameters are wrong
     │   ├── UnknownParameterError     (also a TypeError) a name the step does not take
@@ -11,6 +13,7 @@
     ├── StepError                 a step raised; the original is ``__cause__``
     ├── SerializationError        a step or experiment cannot be shipped to a worker
     ├── ValidationError           an experiment is structurally wrong
+    ├── WorkerCrashedError        the process running a run died (recorded, not raised)
     └── ArtifactError             an artifact name is unsafe or cannot be written
 
 Every message says what went wrong, where (step, replicate, condition when known)
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 __all__ = [
     "ArtifactError",
+    "BackendError",
+    "ConfigurationError",
     "ContextMutationError",
     "CrystallizeError",
     "MissingParameterError",
@@ -30,6 +35,7 @@ __all__ = [
     "StepError",
     "UnknownParameterError",
     "ValidationError",
+    "WorkerCrashedError",
 ]
 
 
@@ -54,8 +60,36 @@ class ContextMutationError(CrystallizeError):
         )
 
 
+class BackendError(CrystallizeError):
+    """A backend returned a run twice, a run that was not planned, or lost one.
+
+    ``run()`` checks that every planned run comes back exactly once; this error
+    says which did not, and carries what did finish as ``partial_result``.
+    """
+
+
+class ConfigurationError(CrystallizeError, ValueError):
+    """An option of a backend or an experiment has an invalid value.
+
+    Attributes:
+        option: the option's name, e.g. ``"batch_size"``.
+    """
+
+    def __init__(self, owner: str, option: str, value: object, expected: str) -> None:
+        self.option = option
+        super().__init__(f"{owner}({option}={value!r}): {option} must be {expected}.")
+
+
 class ParameterError(CrystallizeError):
-    """A step's parameters do not match its signature or the context."""
+    """A step's parameters do not match its signature or the context.
+
+    Attributes:
+        step: the step (or data source) whose parameters are wrong, when known.
+    """
+
+    def __init__(self, message: str, *, step: str | None = None) -> None:
+        self.step = step
+        super().__init__(message)
 
 
 class UnknownParameterError(ParameterError, TypeError):
@@ -98,6 +132,14 @@ class ValidationError(CrystallizeError):
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"The experiment has {len(self.problems)} problem(s):\n{lines}")
+
+
+class WorkerCrashedError(CrystallizeError):
+    """The worker process (or Ray worker) running a run died before it finished.
+
+    Never raised by ``run()``: a run whose worker keeps dying is recorded in
+    ``result.errors`` with this type and step ``"worker"``; the other runs finish.
+    """
 
 
 class ArtifactError(CrystallizeError):

@@ -1,14 +1,7 @@
-"""The backend interface, and the in-process backends: serial and asyncio.
+"""The in-process backends: serial and asyncio.
 
-A backend decides *where* runs execute. It receives the experiment (prepared for this
-``run()``) and the plan, a list of :class:`RunSpec`, and yields one
-:class:`RunResult` per spec, in any order. It never needs to know what a step does;
-the driver aggregates, calls ``on_run_result`` hooks and shows progress.
-
-To write a backend (``RayExecution`` is one), subclass :class:`ExecutionBackend` and
-implement :meth:`ExecutionBackend.execute`; use :func:`execute_run` (or the
-serialized form via ``serialize_experiment``) to run each spec, and
-:func:`steps_set_up` around the runs of each process that hosts steps.
+Both are written against the backend kit (``crystallize.backend``), like every other
+backend.
 """
 
 from __future__ import annotations
@@ -17,56 +10,11 @@ import asyncio
 import queue
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .plugins import BasePlugin
-from .result import RunResult
-from .runner import RunSpec, aexecute_run, execute_run, steps_set_up
-
-if TYPE_CHECKING:
-    from .experiment import Experiment
+from .backend import ExecutionBackend, RunResult, RunSpec, check_option, is_int, steps_set_up
 
 __all__ = ["AsyncExecution", "ExecutionBackend", "SerialExecution"]
-
-
-class ExecutionBackend(BasePlugin):
-    """Where an experiment's runs execute; give one in ``Experiment(plugins=[...])``.
-
-    Attributes:
-        progress: whether the driver shows a progress line over runs.
-    """
-
-    progress: bool = False
-
-    def execute(self, experiment: Experiment, plan: Sequence[RunSpec]) -> Iterator[RunResult]:
-        """Yield one RunResult per spec in ``plan``, in any order."""
-        raise NotImplementedError(f"{type(self).__name__} must implement execute().")
-
-    async def aexecute(self, experiment: Experiment, plan: Sequence[RunSpec]) -> AsyncIterator[RunResult]:
-        """Async form of :meth:`execute`; by default runs ``execute`` in a thread."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        done = object()
-
-        def pump() -> None:
-            try:
-                for run in self.execute(experiment, plan):
-                    loop.call_soon_threadsafe(queue.put_nowait, run)
-            except BaseException as exc:  # re-raised in the event loop below
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, done)
-
-        thread = threading.Thread(target=pump, name=f"crystallize-{type(self).__name__}", daemon=True)
-        thread.start()
-        while True:
-            item = await queue.get()
-            if item is done:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-        thread.join()
 
 
 class SerialExecution(ExecutionBackend):
@@ -79,10 +27,10 @@ class SerialExecution(ExecutionBackend):
     def __init__(self, progress: bool = False) -> None:
         self.progress = progress
 
-    def execute(self, experiment: Experiment, plan: Sequence[RunSpec]) -> Iterator[RunResult]:
-        with steps_set_up(experiment):
+    def execute(self, experiment: Any, plan: Sequence[RunSpec]) -> Iterator[RunResult]:
+        with steps_set_up(experiment) as host:
             for spec in plan:
-                yield execute_run(experiment, spec.replicate, spec.condition)
+                yield host.run(spec.replicate, spec.condition)
 
 
 class AsyncExecution(ExecutionBackend):
@@ -95,13 +43,15 @@ class AsyncExecution(ExecutionBackend):
         progress: show a progress line over runs.
     """
 
+    async_native = True
+
     def __init__(self, max_concurrency: int = 64, progress: bool = False) -> None:
-        if max_concurrency < 1:
-            raise ValueError(f"AsyncExecution(max_concurrency=...) must be >= 1, got {max_concurrency}.")
+        check_option("AsyncExecution", "max_concurrency", max_concurrency, lambda v: is_int(v, 1),
+                     "an integer >= 1")
         self.max_concurrency = max_concurrency
         self.progress = progress
 
-    def execute(self, experiment: Experiment, plan: Sequence[RunSpec]) -> Iterator[RunResult]:
+    def execute(self, experiment: Any, plan: Sequence[RunSpec]) -> Iterator[RunResult]:
         # The event loop runs in a helper thread so results stream to the driver (and
         # its progress line and hooks) as they finish, not all at the end.
         results: queue.Queue[Any] = queue.Queue()
@@ -127,14 +77,13 @@ class AsyncExecution(ExecutionBackend):
             yield item
         thread.join()
 
-    async def aexecute(self, experiment: Experiment, plan: Sequence[RunSpec]) -> AsyncIterator[RunResult]:
-        with steps_set_up(experiment):
+    async def aexecute(self, experiment: Any, plan: Sequence[RunSpec]) -> AsyncIterator[RunResult]:
+        with steps_set_up(experiment) as host:
             specs = iter(plan)
-            running: set[asyncio.Task[RunResult]] = set()
+            running: set[asyncio.Future[RunResult]] = set()
             while True:
                 for spec in specs:
-                    running.add(asyncio.ensure_future(
-                        aexecute_run(experiment, spec.replicate, spec.condition)))
+                    running.add(asyncio.ensure_future(host.arun(spec.replicate, spec.condition)))
                     if len(running) >= self.max_concurrency:
                         break
                 if not running:

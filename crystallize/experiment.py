@@ -5,22 +5,24 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ._drive import loop_running
+from .backend import ExecutionBackend
 from .context import FrozenContext
 from .datasource import DataSource
-from .errors import PipelineError, ValidationError
-from .execution import AsyncExecution, ExecutionBackend, SerialExecution
+from .errors import BackendError, PipelineError, ValidationError
+from .execution import SerialExecution
 from .hypotheses import Hypothesis
 from .pipeline import Pipeline
 from .plugins import BasePlugin, check_plugin
 from .progress import Progress
 from .result import Result, RunResult
 from .runner import RunSpec
-from .stores import CacheStore
+from .stores import CacheStore, LocalCacheStore
 from .treatments import BASELINE, Treatment
 
 __all__ = ["Experiment"]
@@ -130,6 +132,11 @@ class Experiment:
             if h.name in names:
                 problems.append(f"two hypotheses are named {h.name!r}; give each a name=.")
             names.add(h.name)
+        if not (self.cache is None or isinstance(self.cache, (bool, str, os.PathLike, CacheStore))):
+            problems.append(
+                f"cache must be a cache store, a directory path, False (no caching) or None "
+                f"(the default ./.cache), got {type(self.cache).__name__}: {self.cache!r}."
+            )
         bad_keys = [k for k in self.initial_ctx if k in _RESERVED or not isinstance(k, str)]
         if bad_keys:
             problems.append(f"initial_ctx has reserved or non-string key(s) {bad_keys}.")
@@ -157,9 +164,7 @@ class Experiment:
 
     def new_context(self, replicate: int, condition: str) -> FrozenContext:
         """A run's fresh context: initial_ctx (overridable by the treatment) + ids."""
-        ctx = FrozenContext({**self.initial_ctx, "replicate": replicate, "condition": condition})
-        ctx._overridable = frozenset(self.initial_ctx)
-        return ctx
+        return FrozenContext.for_run(self.initial_ctx, replicate=replicate, condition=condition)
 
     # -- running --------------------------------------------------------------
     def run(
@@ -182,10 +187,11 @@ class Experiment:
             SerializationError: a process/Ray backend cannot ship the experiment.
         """
         job, plan = self._prepare(replicates, treatments, hypotheses)
-        if isinstance(job.backend, AsyncExecution) and loop_running():
-            raise PipelineError("Experiment.run() with AsyncExecution inside a running event loop: "
-                                "use `await experiment.arun(...)`.")
-        with _Collector(job, len(plan)) as collector:
+        if job.backend.async_native and loop_running():
+            raise PipelineError(
+                f"Experiment.run() with {type(job.backend).__name__} inside a running event "
+                f"loop: use `await experiment.arun(...)`.")
+        with _Collector(job, plan) as collector:
             for run in job.backend.execute(job, plan):
                 collector.receive(run)
         return collector.result()
@@ -198,7 +204,7 @@ class Experiment:
     ) -> Result:
         """Async form of :meth:`run`: use it inside an event loop."""
         job, plan = self._prepare(replicates, treatments, hypotheses)
-        with _Collector(job, len(plan)) as collector:
+        with _Collector(job, plan) as collector:
             async for run in job.backend.aexecute(job, plan):
                 collector.receive(run)
         return collector.result()
@@ -210,6 +216,8 @@ class Experiment:
         job.replicates = self.replicates if replicates is None else replicates
         job.treatments = list(self.treatments if treatments is None else treatments)
         job.hypotheses = list(self.hypotheses if hypotheses is None else hypotheses)
+        if isinstance(job.cache, (str, os.PathLike)):
+            job.cache = LocalCacheStore(job.cache)
         problems = job._problems(job.treatments, job.hypotheses, job.replicates)
         if job.hypotheses and not job.treatments:
             problems.append("hypotheses compare treatments with the baseline, but there are no treatments.")
@@ -254,14 +262,17 @@ class Experiment:
 class _Collector:
     """Aggregates one run()'s results as they stream in, whatever their order.
 
+    It checks the backend's contract: every planned run comes back exactly once.
     If the backend fails part-way (or is interrupted), the exception carries the
     runs already finished as ``exc.partial_result``, so nothing computed is lost.
     """
 
-    def __init__(self, job: Experiment, total: int) -> None:
+    def __init__(self, job: Experiment, plan: Sequence[RunSpec]) -> None:
         self.job = job
         self.runs: list[RunResult] = []
-        self.progress = Progress(total, enabled=job.backend.progress, label=f"crystallize {job.name}")
+        self.expected = {(spec.replicate, spec.condition) for spec in plan}
+        self.seen: set[tuple[int, str]] = set()
+        self.progress = Progress(len(plan), enabled=job.backend.progress, label=f"crystallize {job.name}")
         self.started = time.time()
 
     def __enter__(self) -> _Collector:
@@ -269,10 +280,30 @@ class _Collector:
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
         self.progress.close()
-        if exc is not None:
-            exc.partial_result = self.job._finish(self.runs, self.started, evaluate=False)  # type: ignore[attr-defined]
+        if exc is None:
+            missing = self.expected - self.seen
+            if missing:
+                exc = BackendError(
+                    f"{type(self.job.backend).__name__} returned {len(self.seen)} of "
+                    f"{len(self.expected)} planned runs; missing: {_runs(missing)}. This is a "
+                    f"bug in the backend; the finished runs are in exc.partial_result.")
+                exc.partial_result = self.job._finish(self.runs, self.started, evaluate=False)  # type: ignore[attr-defined]
+                raise exc
+        elif not hasattr(exc, "partial_result"):
+            try:
+                exc.partial_result = self.job._finish(self.runs, self.started, evaluate=False)  # type: ignore[attr-defined]
+            except Exception:  # never mask the original error
+                log.exception("Could not aggregate the finished runs after %r", exc)
 
     def receive(self, run: RunResult) -> None:
+        key = (run.replicate, run.condition)
+        if key not in self.expected or key in self.seen:
+            what = "twice" if key in self.seen else "although it was not planned"
+            raise BackendError(
+                f"{type(self.job.backend).__name__} returned replicate {run.replicate}, "
+                f"condition {run.condition!r} {what}. This is a bug in the backend; the runs "
+                f"finished so far are in exc.partial_result.")
+        self.seen.add(key)
         self.runs.append(run)
         for plugin in self.job.plugins:
             try:
@@ -284,6 +315,11 @@ class _Collector:
 
     def result(self) -> Result:
         return self.job._finish(self.runs, self.started)
+
+
+def _runs(keys: set[tuple[int, str]], most: int = 5) -> str:
+    shown = ", ".join(f"(replicate {r}, {c!r})" for r, c in sorted(keys)[:most])
+    return shown + (f" and {len(keys) - most} more" if len(keys) > most else "")
 
 
 def _default_name(datasource: Any) -> str:

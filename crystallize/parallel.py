@@ -8,8 +8,12 @@ flight are then retried in isolation in a fresh pool, batch by batch, halving an
 batch that breaks the pool again: the run that kills its worker is identified
 exactly, retried up to ``max_retries`` times, and recorded as failed while every
 other run finishes. A run whose result cannot be pickled back
-is recorded as failed too; a step whose ``setup()`` fails in a worker fails
-``run()`` with that error, as under the serial backend.
+is recorded as failed too; a step whose ``setup()`` fails in a worker is recorded
+on every run, as under the serial backend.
+
+Each process worker limits the native thread pools (BLAS, OpenMP) it inherits to
+its share of the CPUs, as joblib does: two workers on two cores each running
+numpy with two BLAS threads would otherwise fight over the cores.
 """
 
 from __future__ import annotations
@@ -21,15 +25,23 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.util import Finalize
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .execution import ExecutionBackend
-from .result import RunResult
-from .runner import RunSpec, execute_run, steps_set_up, worker_died
-from .serialization import deserialize_experiment, pack_results, serialize_experiment, unpack_results
-
-if TYPE_CHECKING:
-    from .experiment import Experiment
+from ._native import limit_native_threads
+from .backend import (
+    ExecutionBackend,
+    RunResult,
+    RunSpec,
+    batched,
+    check_option,
+    deserialize_experiment,
+    is_int,
+    pack_results,
+    serialize_experiment,
+    steps_set_up,
+    unpack_results,
+    worker_died,
+)
 
 __all__ = ["ParallelExecution"]
 
@@ -51,6 +63,11 @@ class ParallelExecution(ExecutionBackend):
         start_method: multiprocessing start method; default ``fork`` where
             available (scripts without an ``if __name__ == "__main__"`` guard work),
             else ``spawn``.
+        threads_per_worker: native threads (BLAS, OpenMP) each process worker may
+            use; default its share of the CPUs (``cpus // max_workers``, at least 1).
+
+    Raises:
+        ConfigurationError: (a ``ValueError``) an option is out of range, naming it.
 
     Example:
         >>> backend = ParallelExecution(max_workers=2, executor_type="process")
@@ -65,13 +82,23 @@ class ParallelExecution(ExecutionBackend):
         batch_size: int | None = None,
         max_retries: int = 2,
         start_method: str | None = None,
+        threads_per_worker: int | None = None,
     ) -> None:
-        if executor_type not in _EXECUTORS:
-            raise ValueError(
-                f"ParallelExecution(executor_type={executor_type!r}): use 'thread' or 'process'."
-            )
-        if max_workers is not None and max_workers < 1:
-            raise ValueError(f"ParallelExecution(max_workers={max_workers}) must be >= 1.")
+        owner = "ParallelExecution"
+        check_option(owner, "executor_type", executor_type, lambda v: v in _EXECUTORS,
+                     "'thread' or 'process'")
+        check_option(owner, "max_workers", max_workers, lambda v: v is None or is_int(v, 1),
+                     "None or an integer >= 1")
+        check_option(owner, "batch_size", batch_size, lambda v: v is None or is_int(v, 1),
+                     "None or an integer >= 1")
+        check_option(owner, "max_retries", max_retries, lambda v: is_int(v, 0), "an integer >= 0")
+        check_option(owner, "progress", progress, lambda v: isinstance(v, bool), "True or False")
+        methods = multiprocessing.get_all_start_methods()
+        check_option(owner, "start_method", start_method, lambda v: v is None or v in methods,
+                     f"None or one of {methods}")
+        check_option(owner, "threads_per_worker", threads_per_worker,
+                     lambda v: v is None or is_int(v, 1), "None or an integer >= 1")
+        self.threads_per_worker = threads_per_worker
         self.max_workers = max_workers
         self.executor_type = executor_type
         self.progress = progress
@@ -79,20 +106,24 @@ class ParallelExecution(ExecutionBackend):
         self.max_retries = max_retries
         self.start_method = start_method
 
-    def execute(self, experiment: Experiment, plan: Sequence[RunSpec]) -> Iterator[RunResult]:
+    @property
+    def ships_experiment(self) -> bool:  # type: ignore[override]
+        return self.executor_type == "process"
+
+    def execute(self, experiment: Any, plan: Sequence[RunSpec]) -> Iterator[RunResult]:
         if self.executor_type == "thread":
             return self._threads(experiment, plan)
         return self._processes(experiment, plan)
 
     # -- threads --------------------------------------------------------------
-    def _threads(self, experiment: Experiment, plan: Sequence[RunSpec]) -> Iterator[RunResult]:
+    def _threads(self, experiment: Any, plan: Sequence[RunSpec]) -> Iterator[RunResult]:
         workers = self.max_workers or min(32, (os.cpu_count() or 1) + 4)
         specs = iter(plan)
-        with steps_set_up(experiment), ThreadPoolExecutor(workers, thread_name_prefix="crystallize") as pool:
+        with steps_set_up(experiment) as host, ThreadPoolExecutor(workers, thread_name_prefix="crystallize") as pool:
             running: set[Future[RunResult]] = set()
             while True:
                 for spec in specs:  # keep a bounded number of runs in flight
-                    running.add(pool.submit(execute_run, experiment, spec.replicate, spec.condition))
+                    running.add(pool.submit(host.run, spec.replicate, spec.condition))
                     if len(running) >= workers * 4:
                         break
                 if not running:
@@ -102,11 +133,11 @@ class ParallelExecution(ExecutionBackend):
                     yield future.result()
 
     # -- processes ------------------------------------------------------------
-    def _processes(self, experiment: Experiment, plan: Sequence[RunSpec]) -> Iterator[RunResult]:
+    def _processes(self, experiment: Any, plan: Sequence[RunSpec]) -> Iterator[RunResult]:
         blob = serialize_experiment(experiment, backend="process")  # fails before any work
         workers = self.max_workers or os.cpu_count() or 1
         size = self.batch_size or max(1, min(256, len(plan) // (workers * 8)))
-        queue: deque[list[RunSpec]] = deque(list(plan[i:i + size]) for i in range(0, len(plan), size))
+        queue: deque[list[RunSpec]] = deque(batched(plan, size))
         suspects: deque[list[RunSpec]] = deque()
         attempts: Counter[RunSpec] = Counter()
         while queue or suspects:
@@ -119,9 +150,10 @@ class ParallelExecution(ExecutionBackend):
 
     def _pool(self, blob: bytes, workers: int) -> ProcessPoolExecutor:
         method = self.start_method or ("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        threads = self.threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
         return ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context(method),
-            initializer=_init_worker, initargs=(blob,),
+            initializer=_init_worker, initargs=(blob, threads),
         )
 
     def _stream(
@@ -186,24 +218,25 @@ class ParallelExecution(ExecutionBackend):
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(blob: bytes) -> None:
+def _init_worker(blob: bytes, threads: int) -> None:
+    limit_native_threads(threads)
     try:
         experiment = deserialize_experiment(blob)
-        setup = steps_set_up(experiment)
-        setup.__enter__()
     except Exception as exc:
         # An initializer that raises breaks the pool, which looks like a crashed run
         # and is retried run by run. Keep the error for the first task to raise in
-        # the driver instead, as a failing setup() does under the serial backend.
+        # the driver instead.
         _WORKER["error"] = exc
         return
+    setup = steps_set_up(experiment)
+    # A failing setup() is kept by the host and recorded on every run.
+    _WORKER["host"] = setup.__enter__()
     # Tear the steps down when this worker process exits normally.
     Finalize(experiment, setup.__exit__, args=(None, None, None), exitpriority=10)
-    _WORKER["experiment"] = experiment
 
 
 def _run_batch(batch: list[RunSpec]) -> bytes:
     if "error" in _WORKER:
         raise _WORKER["error"]
-    experiment = _WORKER["experiment"]
-    return pack_results([execute_run(experiment, spec.replicate, spec.condition) for spec in batch])
+    host = _WORKER["host"]
+    return pack_results([host.run(spec.replicate, spec.condition) for spec in batch])

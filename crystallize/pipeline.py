@@ -13,12 +13,12 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ._drive import Loop, adrive, drive, loop_error, loop_running
+from ._drive import Loop, adrive, drive, is_interrupt, loop_error, loop_running
 from .cache import CacheEntry, StepCache, read_digests, value_digest
 from .context import _ACTIVE, FrozenContext, _StepRecorder
 from .errors import ParameterError, PipelineError, StepError
 from .hashing import hash_struct, hash_value
-from .provenance import StepRecord
+from .provenance import CacheStatus, StepRecord
 from .steps import FunctionStep, PipelineStep, is_step_factory
 from .stores import CacheStore, default_cache_store
 
@@ -89,16 +89,27 @@ class Pipeline:
         """
         if self.is_async and loop_running():
             raise loop_error()
-        return drive(self._loop(data, _context(ctx), cache))
+        return drive(self.loop(data, _context(ctx), cache))
 
     async def arun(
         self, data: Any, ctx: FrozenContext | None = None, *, cache: CacheStore | bool | None = None
     ) -> Any:
         """Like :meth:`run`, awaiting async steps in the running event loop."""
-        return await adrive(self._loop(data, _context(ctx), cache))
+        return await adrive(self.loop(data, _context(ctx), cache))
 
     # -- the one step loop ----------------------------------------------------
-    def _loop(self, data: Any, ctx: FrozenContext, cache: CacheStore | bool | None) -> Loop:
+    def loop(self, data: Any, ctx: FrozenContext, cache: CacheStore | bool | None = None) -> Loop:
+        """The step loop as a generator that yields each awaitable a step returns.
+
+        :meth:`run` and :meth:`arun` drive it; a runner drives it inside a larger
+        generator (``yield from pipeline.loop(...)``) so one run is written once for
+        sync and async execution. The generator's return value is the last output.
+
+        Raises:
+            StepError: a step raised (the step's exception is ``__cause__``).
+            ParameterError: a step's parameters could not be filled; ``exc.step``
+                names the step.
+        """
         step_cache = None
         if cache is not False and any(step.cacheable for step in self.steps):
             store = default_cache_store() if cache is None or cache is True else cache
@@ -118,45 +129,65 @@ class Pipeline:
         return f"Pipeline([{', '.join(repr(s) for s in self.steps)}])"
 
 
+class _Keys:
+    """A cacheable step's cache key for one call, or why it has none."""
+
+    __slots__ = ("step_hash", "input_hash")
+
+    def __init__(self, step_hash: str, input_hash: str) -> None:
+        self.step_hash, self.input_hash = step_hash, input_hash
+
+
 def _run_step(
     index: int, step: PipelineStep, data: Any, ctx: FrozenContext, cache: StepCache | None
 ) -> Loop:
+    """Run one step: resolve parameters, look the cache up, call, record provenance."""
     started = time.perf_counter()
+    caching = step.cacheable and cache is not None
     # A cacheable step's reads are digested as they happen (see _StepRecorder).
-    recorder = _StepRecorder(value_digest if step.cacheable and cache is not None else None)
+    recorder = _StepRecorder(value_digest if caching else None)
     ctx._recorder = recorder
-    status, step_hash, input_hash = "off", None, None
     try:
-        params = step.resolve_params(ctx)
-        if step.cacheable and cache is not None:
-            step_hash, input_hash = _cache_key(step, params, data)
-            status = "skipped" if step_hash is None else "miss"
-            if step_hash is not None:
-                entry = cache.lookup(step_hash, input_hash, ctx)  # type: ignore[arg-type]
-                if entry is not None:
-                    try:
-                        _replay(entry, ctx)
-                    except Exception as exc:  # fail as the step itself would have
-                        raise StepError(step.name, index, exc) from exc
-                    _record(ctx, step, index, params, step_hash, input_hash, "hit",
-                            tuple(entry.reads), recorder, started)
-                    return entry.output
+        try:
+            params = step.resolve_params(ctx)
+        except ParameterError as exc:
+            if exc.step is None:
+                exc.step = step.name
+            raise
+        keys = _cache_key(step, params, data) if caching else None
+        status: CacheStatus = "off" if not caching else ("skipped" if keys is None else "miss")
+        if keys is not None:
+            entry = _lookup(cache, keys, ctx, step, index)  # type: ignore[arg-type]
+            if entry is not None:
+                _record(ctx, step, index, params, keys, "hit", tuple(entry.reads), recorder, started)
+                return entry.output
         try:
             output = _invoke(step, data, ctx, params)
             if inspect.isawaitable(output):
                 output = yield output
-        except ParameterError:
-            raise
-        except Exception as exc:
+        except BaseException as exc:
+            if is_interrupt(exc):
+                raise
             raise StepError(step.name, index, exc) from exc
         output = _split_metrics(output, ctx)
-        if status == "miss":
-            status = _store(cache, step, step_hash, input_hash, output, recorder)  # type: ignore[arg-type]
-        _record(ctx, step, index, params, step_hash, input_hash, status,
-                tuple(recorder.reads), recorder, started)
+        if keys is not None:
+            status = _store(cache, step, keys, output, recorder)  # type: ignore[arg-type]
+        _record(ctx, step, index, params, keys, status, tuple(recorder.reads), recorder, started)
         return output
     finally:
         ctx._recorder = None
+
+
+def _lookup(cache: StepCache, keys: _Keys, ctx: FrozenContext, step: PipelineStep, index: int) -> CacheEntry | None:
+    """The entry for ``keys`` replayed into ``ctx``, or ``None`` on a miss."""
+    entry = cache.lookup(keys.step_hash, keys.input_hash, ctx)
+    if entry is None:
+        return None
+    try:
+        _replay(entry, ctx)
+    except Exception as exc:  # fail as the step itself would have
+        raise StepError(step.name, index, exc) from exc
+    return entry
 
 
 def _invoke(step: PipelineStep, data: Any, ctx: FrozenContext, params: dict[str, Any]) -> Any:
@@ -165,24 +196,23 @@ def _invoke(step: PipelineStep, data: Any, ctx: FrozenContext, params: dict[str,
     return step(data, ctx)
 
 
-def _cache_key(step: PipelineStep, params: dict[str, Any], data: Any) -> tuple[str | None, str | None]:
+def _cache_key(step: PipelineStep, params: dict[str, Any], data: Any) -> _Keys | None:
     explicit = dict(step.params)
     injected = {k: v for k, v in params.items() if k not in explicit}
     identity, code = step.cache_identity()
     try:
-        return hash_struct("step", identity, code, explicit, injected), hash_value(data)
+        return _Keys(hash_struct("step", identity, code, explicit, injected), hash_value(data))
     except Exception as exc:
         log.warning(
             "Step %r is cacheable but its parameters or input could not be hashed "
             "(%s: %s); it runs without the cache.", step.name, type(exc).__name__, exc,
         )
-        return None, None
+        return None
 
 
 def _store(
-    cache: StepCache, step: PipelineStep, step_hash: str, input_hash: str,
-    output: Any, recorder: _StepRecorder,
-) -> str:
+    cache: StepCache, step: PipelineStep, keys: _Keys, output: Any, recorder: _StepRecorder,
+) -> CacheStatus:
     try:
         reads = read_digests(recorder.reads)
     except Exception as exc:
@@ -193,7 +223,7 @@ def _store(
         return "skipped"
     entry = CacheEntry(output, list(recorder.metrics), list(recorder.added), reads,
                        list(recorder.artifacts))
-    if cache.save(step_hash, input_hash, entry):
+    if cache.save(keys.step_hash, keys.input_hash, entry):
         return "miss"
     log.warning("Step %r: output not cached (see the warning above).", step.name)
     return "skipped"
@@ -220,12 +250,13 @@ def _split_metrics(output: Any, ctx: FrozenContext) -> Any:
 
 def _record(
     ctx: FrozenContext, step: PipelineStep, index: int, params: dict[str, Any],
-    step_hash: str | None, input_hash: str | None, status: str,
+    keys: _Keys | None, status: CacheStatus,
     reads: tuple[str, ...], recorder: _StepRecorder, started: float,
 ) -> None:
     ctx.provenance.append(StepRecord(
-        name=step.name, index=index, params=params, step_hash=step_hash,
-        input_hash=input_hash, cache=status, reads=reads,
+        name=step.name, index=index, params=params,
+        step_hash=keys.step_hash if keys else None,
+        input_hash=keys.input_hash if keys else None, cache=status, reads=reads,
         added=tuple(k for k, _ in recorder.added), seconds=time.perf_counter() - started,
     ))
 

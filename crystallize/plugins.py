@@ -27,15 +27,14 @@ import logging
 import random
 import secrets
 import sys
+import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .context import FrozenContext
 from .hashing import hash_struct
-
-if TYPE_CHECKING:
-    from .experiment import Experiment
-    from .result import Result, RunResult
+from .result import Result, RunResult
+from .runner import RunnableExperiment
 
 __all__ = ["BasePlugin", "LoggingPlugin", "SeedPlugin", "check_plugin"]
 
@@ -51,19 +50,19 @@ HOOKS: dict[str, tuple[str, ...]] = {
 class BasePlugin:
     """Base class for plugins; override only the hooks you need (see module docs)."""
 
-    def before_run(self, experiment: Experiment) -> None:
+    def before_run(self, experiment: RunnableExperiment) -> None:
         """Called in the driver before any run of ``Experiment.run()`` starts."""
 
-    def before_replicate(self, experiment: Experiment, ctx: FrozenContext) -> None:
+    def before_replicate(self, experiment: RunnableExperiment, ctx: FrozenContext) -> None:
         """Called inside each run, after its treatment, before its datasource."""
 
-    def after_replicate(self, experiment: Experiment, ctx: FrozenContext) -> None:
+    def after_replicate(self, experiment: RunnableExperiment, ctx: FrozenContext) -> None:
         """Called inside each run after the pipeline, whether it succeeded or not."""
 
-    def on_run_result(self, experiment: Experiment, run: RunResult) -> None:
+    def on_run_result(self, experiment: RunnableExperiment, run: RunResult) -> None:
         """Called in the driver as each run's result arrives."""
 
-    def after_run(self, experiment: Experiment, result: Result) -> None:
+    def after_run(self, experiment: RunnableExperiment, result: Result) -> None:
         """Called in the driver once every run has finished."""
 
     @property
@@ -112,16 +111,16 @@ class LoggingPlugin(BasePlugin):
         self.level, self.verbose = level, verbose
         self.log = logging.getLogger("crystallize.experiment")
 
-    def before_run(self, experiment: Experiment) -> None:
+    def before_run(self, experiment: RunnableExperiment) -> None:
         self.log.log(self.level, "Experiment %r starting", experiment.name)
 
-    def on_run_result(self, experiment: Experiment, run: RunResult) -> None:
+    def on_run_result(self, experiment: RunnableExperiment, run: RunResult) -> None:
         if self.verbose:
             status = "ok" if run.error is None else f"FAILED ({run.error.type})"
             self.log.log(self.level, "run r=%d %s: %s in %.3fs", run.replicate, run.condition,
                          status, run.seconds)
 
-    def after_run(self, experiment: Experiment, result: Result) -> None:
+    def after_run(self, experiment: RunnableExperiment, result: Result) -> None:
         self.log.log(self.level, "Experiment %r finished: %d runs, %d failed",
                      experiment.name, len(result.runs), len(result.errors))
 
@@ -182,20 +181,31 @@ class SeedPlugin(BasePlugin):
             raise RuntimeError("SeedPlugin(seed=None) draws its seed when the experiment runs.")
         return seed_for(base, replicate)
 
-    def before_run(self, experiment: Experiment) -> None:
+    def before_run(self, experiment: RunnableExperiment) -> None:
         if self.seed is None:
             self._drawn = secrets.randbits(32)
+        # Import numpy here, once, in the driver: several pool threads importing it
+        # at the same moment in before_replicate see a half-initialised module.
+        _import_numpy()
 
-    def before_replicate(self, experiment: Experiment, ctx: FrozenContext) -> None:
-        run_seed = self.seed_for(ctx["replicate"])
+    def before_replicate(self, experiment: RunnableExperiment, ctx: FrozenContext) -> None:
+        run_seed = self.seed_for(ctx.peek("replicate"))
         ctx.add("seed", run_seed)
         ctx.add("rng", random.Random(run_seed))
-        numpy = sys.modules.get("numpy")
-        if numpy is None:
-            try:
-                import numpy
-            except ImportError:
-                numpy = None
+        numpy = sys.modules.get("numpy") or _import_numpy()
         if numpy is not None:
             ctx.add("numpy_rng", numpy.random.default_rng(run_seed))
         self.seed_fn(run_seed)
+
+
+_NUMPY_LOCK = threading.Lock()
+
+
+def _import_numpy() -> Any:
+    """numpy if it is installed, imported under a lock; ``None`` otherwise."""
+    with _NUMPY_LOCK:
+        try:
+            import numpy
+        except ImportError:
+            return None
+        return numpy

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["StepRecord"]
+__all__ = ["CacheStatus", "StepRecord"]
+
+#: What the step cache did for one step execution:
+#: ``"off"`` not cacheable (or caching turned off); ``"hit"`` replayed an entry;
+#: ``"miss"`` ran and stored its entry; ``"skipped"`` ran, but its key or entry could
+#: not be made (unhashable input, unpicklable output); ``"error"`` ran, but the store
+#: failed (the run is unaffected).
+CacheStatus = Literal["off", "hit", "miss", "skipped", "error"]
 
 
 @dataclass(frozen=True)
@@ -19,8 +26,8 @@ class StepRecord:
         step_hash: digest of the step's identity, code and parameters (cacheable
             steps only, else ``None``).
         input_hash: digest of the data it received (cacheable steps only).
-        cache: ``"off"`` (not cacheable), ``"hit"``, ``"miss"`` (ran and stored) or
-            ``"skipped"`` (ran, but the output or a ctx value could not be stored).
+        cache: a :data:`CacheStatus`: ``"off"``, ``"hit"``, ``"miss"``,
+            ``"skipped"`` or ``"error"``.
         reads: ctx keys the step read through ``get``/``[]``/``in``/``as_dict``, plus
             ``("crystallize", "keys")`` if it listed the keys and
             ``("crystallize", "metrics")`` if it read the metrics.
@@ -33,7 +40,7 @@ class StepRecord:
     params: dict[str, Any] = field(default_factory=dict)
     step_hash: str | None = None
     input_hash: str | None = None
-    cache: str = "off"
+    cache: CacheStatus = "off"
     reads: tuple[str, ...] = ()
     added: tuple[str, ...] = ()
     seconds: float = 0.0

@@ -1,34 +1,78 @@
 """Executing one run: a pure function of (experiment, replicate, condition) -> RunResult.
 
-Every backend calls :func:`execute_run` (or :func:`aexecute_run`) wherever it runs
-work; nothing a run does escapes except through the RunResult it returns. A failure
-anywhere in the run is caught and becomes the RunResult's ``error``.
+Every backend calls :func:`execute_run` (or :func:`aexecute_run`), or the ``run``
+method of :func:`steps_set_up`'s host, wherever it runs work; nothing a run does
+escapes except through the RunResult it returns. A failure anywhere in the run,
+``sys.exit()`` and other ``BaseException`` included, is caught and becomes the
+RunResult's ``error``; only Ctrl-C (``KeyboardInterrupt``) stops the experiment.
+
+The runner knows an experiment only through :class:`RunnableExperiment`, the few
+things a run needs, so it depends on neither the experiment nor the plugins module.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from ._drive import Loop, adrive, drive
+from ._drive import Loop, adrive, drive, is_interrupt
 from .context import FrozenContext
-from .errors import StepError
+from .errors import ParameterError, StepError, WorkerCrashedError
+from .pipeline import Pipeline
 from .result import RunError, RunResult
+from .stores import CacheStore
+from .treatments import Treatment
 
-if TYPE_CHECKING:
-    from .experiment import Experiment
+__all__ = [
+    "ReplicateHooks",
+    "RunSpec",
+    "RunnableExperiment",
+    "SetUpSteps",
+    "aexecute_run",
+    "execute_run",
+    "failed_run",
+    "steps_set_up",
+    "worker_died",
+]
 
-__all__ = ["RunSpec", "aexecute_run", "execute_run", "failed_run", "steps_set_up", "worker_died"]
+log = logging.getLogger("crystallize.runner")
+
+
+class ReplicateHooks(Protocol):
+    """The plugin hooks that run inside each run (see ``crystallize.plugins``)."""
+
+    def before_replicate(self, experiment: Any, ctx: FrozenContext) -> None: ...
+
+    def after_replicate(self, experiment: Any, ctx: FrozenContext) -> None: ...
+
+
+class RunnableExperiment(Protocol):
+    """What one run needs of an experiment; :class:`~crystallize.Experiment` is one."""
+
+    name: str
+    initial_ctx: Mapping[str, Any]
+    pipeline: Pipeline
+    datasource: Callable[[FrozenContext], Any]
+    plugins: Sequence[Any]
+    cache: CacheStore | bool | None
+
+    def treatment_for(self, condition: str) -> Treatment | None: ...
 
 
 @dataclass(frozen=True, order=True)
 class RunSpec:
-    """One cell of the run grid."""
+    """One cell of the run grid.
+
+    Example:
+        >>> RunSpec(3, "baseline").label("sweep")
+        'crystallize:sweep r=3 baseline'
+    """
 
     replicate: int
     condition: str
@@ -38,26 +82,30 @@ class RunSpec:
         return f"crystallize:{experiment_name or 'experiment'} r={self.replicate} {self.condition}"
 
 
-def execute_run(experiment: Experiment, replicate: int, condition: str) -> RunResult:
-    """Run one replicate of one condition synchronously; never raises for run failures."""
+def execute_run(experiment: RunnableExperiment, replicate: int, condition: str) -> RunResult:
+    """Run one replicate of one condition synchronously; never raises for run failures.
+
+    Raises:
+        KeyboardInterrupt: only Ctrl-C escapes; every other failure is recorded.
+    """
     return drive(_run(experiment, replicate, condition))
 
 
-async def aexecute_run(experiment: Experiment, replicate: int, condition: str) -> RunResult:
+async def aexecute_run(experiment: RunnableExperiment, replicate: int, condition: str) -> RunResult:
     """Like :func:`execute_run`, awaiting async work in the running event loop."""
     return await adrive(_run(experiment, replicate, condition))
 
 
-def _run(experiment: Experiment, replicate: int, condition: str) -> Loop:
+def _run(experiment: RunnableExperiment, replicate: int, condition: str) -> Loop:
     started = time.perf_counter()
-    ctx = experiment.new_context(replicate, condition)
+    ctx = FrozenContext.for_run(experiment.initial_ctx, replicate=replicate, condition=condition)
     error: RunError | None = None
     where = "treatment"
     try:
         treatment = experiment.treatment_for(condition)
         if treatment is not None:
             treatment.apply(ctx)
-        ctx._overridable = frozenset()
+        ctx.seal_overrides()
         for plugin in experiment.plugins:
             where = f"plugin {type(plugin).__name__}.before_replicate"
             plugin.before_replicate(experiment, ctx)
@@ -66,24 +114,30 @@ def _run(experiment: Experiment, replicate: int, condition: str) -> Loop:
         if inspect.isawaitable(data):
             data = yield data
         where = "pipeline"
-        yield from experiment.pipeline._loop(data, ctx, experiment.cache)
+        yield from experiment.pipeline.loop(data, ctx, experiment.cache)
     except StepError as exc:
         error = _error(replicate, condition, exc.step, exc.__cause__ or exc)
-    except Exception as exc:
-        if where == "pipeline":  # raised before the step ran (e.g. a missing parameter)
-            where = experiment.pipeline.steps[len(ctx.provenance)].name
+    except ParameterError as exc:
+        # In the pipeline the step that could not be filled names itself.
+        step = exc.step if where == "pipeline" and exc.step else where
+        error = _error(replicate, condition, step, exc)
+    except BaseException as exc:
+        if is_interrupt(exc):
+            raise
         error = _error(replicate, condition, where, exc)
     for plugin in experiment.plugins:
         try:
             plugin.after_replicate(experiment, ctx)
-        except Exception as exc:
+        except BaseException as exc:
+            if is_interrupt(exc):
+                raise
             error = error or _error(replicate, condition, f"plugin {type(plugin).__name__}.after_replicate", exc)
-    seed = ctx._peek("seed")
+    seed = ctx.peek("seed")
     return RunResult(
         replicate=replicate,
         condition=condition,
         metrics={name: list(values) for name, values in ctx.metrics.as_dict().items()},
-        seed=seed if isinstance(seed, int) else None,
+        seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
         provenance=list(ctx.provenance),
         artifacts=list(ctx.artifacts),
         error=error,
@@ -104,7 +158,12 @@ def _error(replicate: int, condition: str, where: str, exc: BaseException) -> Ru
 
 def failed_run(spec: RunSpec, where: str, type_name: str, message: str, *, traceback: str = "",
                attempts: int = 1) -> RunResult:
-    """The RunResult of a run that failed outside the run itself (e.g. its worker)."""
+    """The RunResult of a run that failed outside the run itself (e.g. its worker).
+
+    Example:
+        >>> failed_run(RunSpec(0, "baseline"), "worker", "OSError", "gone").error.step
+        'worker'
+    """
     return RunResult(
         replicate=spec.replicate,
         condition=spec.condition,
@@ -114,9 +173,9 @@ def failed_run(spec: RunSpec, where: str, type_name: str, message: str, *, trace
 
 
 def worker_died(spec: RunSpec, attempts: int, detail: str) -> RunResult:
-    """The RunResult of a run whose worker process kept dying."""
+    """The RunResult of a run whose worker process kept dying (a WorkerCrashedError)."""
     return failed_run(
-        spec, "worker", "WorkerCrashedError",
+        spec, "worker", WorkerCrashedError.__name__,
         f"The worker process running this run died on each of {attempts} attempt(s) "
         f"({detail}); the other runs finished. Run it under SerialExecution to see the "
         f"crash, or check memory limits.",
@@ -124,16 +183,82 @@ def worker_died(spec: RunSpec, attempts: int, detail: str) -> RunResult:
     )
 
 
+class SetUpSteps:
+    """The steps of one experiment, set up in this process; runs go through it.
+
+    A step whose ``setup()`` raised does not stop the experiment: every run that
+    needs the step (all of them) is recorded as failed at ``<Step>.setup``, naming
+    the exception, on every backend alike; ``run()`` then returns with those errors.
+
+    Attributes:
+        error: the failure of the first ``setup()`` that raised, or ``None``.
+    """
+
+    def __init__(self, experiment: RunnableExperiment) -> None:
+        self.experiment = experiment
+        self.error: tuple[str, BaseException] | None = None
+        self._done: list[Any] = []
+        self._ctx = FrozenContext(experiment.initial_ctx)
+
+    def set_up(self) -> None:
+        """Call each step's ``setup(ctx)`` in order, stopping at the first failure."""
+        for step in self.experiment.pipeline.steps:
+            try:
+                step.setup(self._ctx)
+            except BaseException as exc:
+                if is_interrupt(exc):
+                    raise
+                log.error("Step %r: setup() raised %s: %s; every run that needs it is recorded "
+                          "as failed.", step.name, type(exc).__name__, exc)
+                self.error = (f"{step.name}.setup", exc)
+                return
+            self._done.append(step)
+
+    def tear_down(self) -> None:
+        """Call ``teardown(ctx)`` of every step set up, in reverse; errors are logged."""
+        while self._done:
+            step = self._done.pop()
+            try:
+                step.teardown(self._ctx)
+            except Exception:
+                log.exception("Step %r: teardown() raised; the results are unaffected.", step.name)
+
+    def run(self, replicate: int, condition: str) -> RunResult:
+        """:func:`execute_run`, or the set-up failure recorded on this run."""
+        if self.error is not None:
+            return self._failed(replicate, condition)
+        return execute_run(self.experiment, replicate, condition)
+
+    async def arun(self, replicate: int, condition: str) -> RunResult:
+        """:func:`aexecute_run`, or the set-up failure recorded on this run."""
+        if self.error is not None:
+            return self._failed(replicate, condition)
+        return await aexecute_run(self.experiment, replicate, condition)
+
+    def _failed(self, replicate: int, condition: str) -> RunResult:
+        where, exc = self.error  # type: ignore[misc]
+        run = RunResult(replicate=replicate, condition=condition,
+                        error=_error(replicate, condition, where, exc))
+        return run
+
+
 @contextmanager
-def steps_set_up(experiment: Experiment) -> Iterator[None]:
-    """Call ``setup(ctx)`` of every step, then ``teardown(ctx)`` on the way out."""
-    ctx = FrozenContext(experiment.initial_ctx)
-    done: list[Any] = []
+def steps_set_up(experiment: RunnableExperiment) -> Iterator[SetUpSteps]:
+    """Set every step up (``setup(ctx)``), yield the host, tear them down on the way out.
+
+    Example:
+        >>> from crystallize import Experiment, pipeline_step
+        >>> @pipeline_step()
+        ... def double(data):
+        ...     return data, {"x": data * 2}
+        >>> exp = Experiment(datasource=lambda ctx: 2, pipeline=[double()])
+        >>> with steps_set_up(exp) as host:
+        ...     host.run(0, "baseline").metrics
+        {'x': [4]}
+    """
+    host = SetUpSteps(experiment)
     try:
-        for step in experiment.pipeline.steps:
-            step.setup(ctx)
-            done.append(step)
-        yield
+        host.set_up()
+        yield host
     finally:
-        for step in reversed(done):
-            step.teardown(ctx)
+        host.tear_down()

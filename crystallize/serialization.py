@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import copy
 import pickle
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import cloudpickle
 
 from .errors import SerializationError
+from .plugins import BasePlugin
 from .result import RunError, RunResult
-
-if TYPE_CHECKING:
-    from .experiment import Experiment
 
 __all__ = ["deserialize_experiment", "pack_results", "portable", "serialize_experiment", "unpack_results"]
 
 
-def serialize_experiment(experiment: Experiment, *, backend: str = "process/Ray") -> bytes:
+def serialize_experiment(experiment: Any, *, backend: str = "process/Ray") -> bytes:
     """Pickle ``experiment`` with cloudpickle, once, for shipping to workers.
 
     Only plugins with replicate hooks travel (see :func:`runs_in_workers`);
@@ -46,19 +44,17 @@ def runs_in_workers(plugin: Any) -> bool:
     Driver-only plugins (progress, artifacts, logging of results, the backend
     itself) stay in the driver and may hold anything, locks and threads included.
     """
-    from .plugins import BasePlugin
-
     cls = type(plugin)
     return (cls.before_replicate is not BasePlugin.before_replicate
             or cls.after_replicate is not BasePlugin.after_replicate)
 
 
-def deserialize_experiment(blob: bytes) -> Experiment:
+def deserialize_experiment(blob: bytes) -> Any:
     """The inverse of :func:`serialize_experiment`."""
     return pickle.loads(blob)
 
 
-def _explain(experiment: Experiment, backend: str, exc: Exception) -> SerializationError:
+def _explain(experiment: Any, backend: str, exc: Exception) -> SerializationError:
     parts: list[tuple[str, str, Any]] = [
         ("Step", getattr(step, "name", type(step).__name__), step) for step in experiment.pipeline.steps
     ]

@@ -8,11 +8,13 @@ experiments are kept; an evicted one, and all of them at process exit, are torn 
 from __future__ import annotations
 
 import atexit
+import logging
 from collections import OrderedDict
 from typing import Any
 
-from crystallize import RunSpec, deserialize_experiment, execute_run, steps_set_up
-from crystallize.serialization import pack_results
+from crystallize.backend import RunSpec, deserialize_experiment, pack_results, steps_set_up
+
+log = logging.getLogger("crystallize_ray")
 
 __all__ = ["make_task", "run_batch", "spec_pairs"]
 
@@ -29,12 +31,12 @@ def _experiment(ref: Any) -> Any:
 
     experiment = deserialize_experiment(ray.get(ref))
     setup = steps_set_up(experiment)
-    setup.__enter__()
-    _LOADED[key] = (experiment, setup)
+    host = setup.__enter__()  # a failing setup() is recorded on every run by the host
+    _LOADED[key] = (host, setup)
     while len(_LOADED) > _KEEP:
         _, (_, old) = _LOADED.popitem(last=False)
         old.__exit__(None, None, None)
-    return experiment
+    return host
 
 
 def make_task(holder: list[Any], retry_errors: int) -> Any:
@@ -57,13 +59,13 @@ def run_batch(holder: list[Any], batch: list[tuple[int, str]], retry_errors: int
     Returns the results packed by ``pack_results``: bytes are the cheapest thing
     for Ray to move, and a result that cannot be pickled fails only its own run.
     """
-    experiment = _experiment(holder[0])
+    host = _experiment(holder[0])
     results = []
     for replicate, condition in batch:
-        run = execute_run(experiment, replicate, condition)
+        run = host.run(replicate, condition)
         tries = 1
         while run.error is not None and tries <= retry_errors:
-            run = execute_run(experiment, replicate, condition)
+            run = host.run(replicate, condition)
             tries += 1
         run.attempts = tries
         results.append(run)
@@ -81,5 +83,5 @@ def _teardown_all() -> None:
         _, (_, setup) = _LOADED.popitem()
         try:
             setup.__exit__(None, None, None)
-        except Exception:
-            pass
+        except Exception:  # teardown errors are logged by the host; this is a last guard
+            log.exception("Tearing down an experiment's steps at worker exit failed")

@@ -11,28 +11,27 @@ really cannot complete is recorded as failed.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from crystallize import (
+from crystallize.backend import (
     ExecutionBackend,
     RunResult,
     RunSpec,
+    check_option,
+    failed_run,
+    is_int,
+    resolve_cache,
     serialize_experiment,
+    unpack_results,
+    worker_died,
 )
-from crystallize.runner import failed_run, worker_died
-from crystallize.serialization import unpack_results
-from crystallize.stores import default_cache_store
 
 from . import _worker
-
-if TYPE_CHECKING:
-    from crystallize import Experiment
 
 __all__ = ["RayExecution"]
 
@@ -84,6 +83,8 @@ class RayExecution(ExecutionBackend):
         >>> exp.run(replicates=100)                                          # doctest: +SKIP
     """
 
+    ships_experiment = True
+
     def __init__(
         self,
         address: str | None = None,
@@ -99,10 +100,22 @@ class RayExecution(ExecutionBackend):
         init_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         import_ray()
-        if max_in_flight is not None and max_in_flight < 1:
-            raise ValueError(f"RayExecution(max_in_flight={max_in_flight}) must be >= 1.")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"RayExecution(batch_size={batch_size}) must be >= 1.")
+        owner = "RayExecution"
+        check_option(owner, "address", address, lambda v: v is None or isinstance(v, str),
+                     "None or an address string such as 'auto' or 'ray://host:10001'")
+        for option, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
+            check_option(owner, option, value, _non_negative, "a number >= 0")
+        check_option(owner, "resources", resources,
+                     lambda v: v is None or all(isinstance(k, str) and _non_negative(n) for k, n in v.items()),
+                     "None or a mapping of resource names to numbers >= 0")
+        check_option(owner, "max_retries", max_retries, lambda v: is_int(v, -1),
+                     "an integer >= 0 (or -1 for unlimited)")
+        check_option(owner, "max_in_flight", max_in_flight, lambda v: v is None or is_int(v, 1),
+                     "None or an integer >= 1")
+        check_option(owner, "batch_size", batch_size, lambda v: v is None or is_int(v, 1),
+                     "None or an integer >= 1")
+        check_option(owner, "retry_errors", retry_errors, lambda v: is_int(v, 0), "an integer >= 0")
+        check_option(owner, "progress", progress, lambda v: isinstance(v, bool), "True or False")
         self.address = address
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
@@ -136,12 +149,10 @@ class RayExecution(ExecutionBackend):
         return True
 
     # -- executing --------------------------------------------------------------
-    def execute(self, experiment: Experiment, plan: Sequence[RunSpec]) -> Iterator[RunResult]:
+    def execute(self, experiment: Any, plan: Sequence[RunSpec]) -> Iterator[RunResult]:
         ray = import_ray()
-        job = copy.copy(experiment)
-        if job.cache is None:
-            # Resolve ./.cache in the driver: Ray workers may run in another directory.
-            job.cache = default_cache_store()
+        # Resolve ./.cache in the driver: Ray workers may run in another directory.
+        job = resolve_cache(experiment)
         blob = serialize_experiment(job, backend="Ray")  # fails before any task
         started = self.connect()
         try:
@@ -150,7 +161,7 @@ class RayExecution(ExecutionBackend):
             if started:
                 ray.shutdown()
 
-    def _stream(self, ray: Any, job: Experiment, plan: Sequence[RunSpec], blob: bytes) -> Iterator[RunResult]:
+    def _stream(self, ray: Any, job: Any, plan: Sequence[RunSpec], blob: bytes) -> Iterator[RunResult]:
         holder = [ray.put(blob)]
         options: dict[str, Any] = {
             "num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_retries": self.max_retries,
@@ -199,6 +210,10 @@ class RayExecution(ExecutionBackend):
                     continue
                 sizer.observe(results)
                 yield from results
+
+
+def _non_negative(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
 
 
 class _BatchSizer:

@@ -1,0 +1,214 @@
+"""The backend kit: everything an execution backend is written against.
+
+A backend decides *where* runs execute. ``Experiment.run()`` hands it the experiment
+(prepared for this call) and the plan, a list of :class:`RunSpec`; the backend yields
+exactly one :class:`RunResult` per spec, in any order, and the driver checks that.
+A backend never needs to know what a step does. ``crystallize_ray`` is written
+against this module and ``crystallize`` alone; so can yours be.
+
+The pieces, in the order a backend uses them::
+
+    ExecutionBackend          subclass it; implement execute() (and aexecute() if
+                              runs belong in the caller's event loop); declare
+                              capabilities with class flags; validate options in
+                              __init__ with check_option() -> ConfigurationError
+    serialize_experiment()    once per run(), in the driver, before any work is
+                              submitted: fails with SerializationError naming the
+                              part that cannot be pickled
+    deserialize_experiment()  once per worker process
+    steps_set_up()            once per process that hosts steps: setup() / teardown()
+      host.run(r, c)          one run -> RunResult; never raises but for Ctrl-C
+    batched()                 group specs into tasks
+    pack_results()            results -> bytes in a worker (a result that cannot be
+    unpack_results()          pickled fails only its own run) -> results in the driver
+    failed_run(), worker_died()
+                              records for runs that failed outside the run itself
+    default_cache_store()     resolve the default store in the driver, before
+                              shipping (workers may run in another directory)
+
+Example:
+    A backend that runs each run twice and keeps the second result::
+
+        from crystallize.backend import ExecutionBackend, steps_set_up
+
+        class Twice(ExecutionBackend):
+            def execute(self, experiment, plan):
+                with steps_set_up(experiment) as host:
+                    for spec in plan:
+                        host.run(spec.replicate, spec.condition)
+                        yield host.run(spec.replicate, spec.condition)
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
+
+from ._drive import is_interrupt
+from .errors import ConfigurationError, WorkerCrashedError
+from .plugins import BasePlugin
+from .result import RunResult
+from .runner import (
+    RunnableExperiment,
+    RunSpec,
+    SetUpSteps,
+    aexecute_run,
+    execute_run,
+    failed_run,
+    steps_set_up,
+    worker_died,
+)
+from .serialization import deserialize_experiment, pack_results, serialize_experiment, unpack_results
+from .stores import default_cache_store
+
+__all__ = [
+    "ConfigurationError",
+    "ExecutionBackend",
+    "RunResult",
+    "RunSpec",
+    "RunnableExperiment",
+    "SetUpSteps",
+    "WorkerCrashedError",
+    "aexecute_run",
+    "batched",
+    "check_option",
+    "default_cache_store",
+    "deserialize_experiment",
+    "execute_run",
+    "failed_run",
+    "is_int",
+    "is_interrupt",
+    "pack_results",
+    "resolve_cache",
+    "serialize_experiment",
+    "steps_set_up",
+    "unpack_results",
+    "worker_died",
+]
+
+
+class ExecutionBackend(BasePlugin, abc.ABC):
+    """Where an experiment's runs execute; give one in ``Experiment(plugins=[...])``.
+
+    Subclasses implement :meth:`execute`. The experiment asks the class flags below
+    instead of checking types, so a new backend states what it can do.
+
+    Attributes:
+        progress: whether the driver shows a progress line over runs.
+        async_native: runs execute as coroutines in the caller's event loop
+            (:meth:`aexecute` is the real implementation). A synchronous ``run()``
+            inside a running event loop is then refused with a pointer to ``arun()``.
+        ships_experiment: runs execute in other processes, so the experiment is
+            pickled (and must be picklable) and plugins' replicate hooks run on copies.
+    """
+
+    progress: bool = False
+    async_native: bool = False
+    ships_experiment: bool = False
+
+    @abc.abstractmethod
+    def execute(self, experiment: Any, plan: Sequence[RunSpec]) -> Iterator[RunResult]:
+        """Yield one RunResult per spec in ``plan``, in any order.
+
+        Args:
+            experiment: the experiment prepared for this ``run()`` (a
+                :class:`RunnableExperiment`).
+            plan: the runs to execute.
+
+        Raises:
+            KeyboardInterrupt: on Ctrl-C, after cancelling what has not started and
+                stopping any worker it owns.
+        """
+
+    async def aexecute(self, experiment: Any, plan: Sequence[RunSpec]) -> AsyncIterator[RunResult]:
+        """Async form of :meth:`execute`; by default runs ``execute`` in a thread."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        done = object()
+        stop = threading.Event()
+
+        def pump() -> None:
+            runs = self.execute(experiment, plan)
+            try:
+                for run in runs:
+                    loop.call_soon_threadsafe(queue.put_nowait, run)
+                    if stop.is_set():
+                        break
+            except BaseException as exc:  # re-raised in the event loop below
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                close = getattr(runs, "close", None)
+                if close is not None:
+                    close()
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        thread = threading.Thread(target=pump, name=f"crystallize-{type(self).__name__}", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = await queue.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+        thread.join()
+
+
+def check_option(owner: str, option: str, value: Any, test: Callable[[Any], bool], expected: str) -> None:
+    """Validate one constructor option; call it in a backend's ``__init__``.
+
+    Raises:
+        ConfigurationError: (a ``ValueError``) naming ``owner``, ``option``, the value
+            given and what was expected.
+
+    Example:
+        >>> check_option("MyBackend", "batch_size", -1, lambda v: v is None or v >= 1,
+        ...              "None or an integer >= 1")
+        Traceback (most recent call last):
+        ...
+        crystallize.errors.ConfigurationError: MyBackend(batch_size=-1): batch_size must be None or an integer >= 1.
+    """
+    try:
+        ok = bool(test(value))
+    except Exception:
+        ok = False
+    if not ok:
+        raise ConfigurationError(owner, option, value, expected)
+
+
+def is_int(value: Any, minimum: int) -> bool:
+    """Whether ``value`` is an ``int`` (not a bool) of at least ``minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def batched(plan: Sequence[RunSpec], size: int) -> list[list[RunSpec]]:
+    """Split ``plan`` into consecutive batches of at most ``size`` runs.
+
+    Example:
+        >>> [len(b) for b in batched([RunSpec(r, "baseline") for r in range(5)], 2)]
+        [2, 2, 1]
+    """
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
+    return [list(plan[i:i + size]) for i in range(0, len(plan), size)]
+
+
+def resolve_cache(experiment: Any) -> Any:
+    """A shallow copy of ``experiment`` whose default cache is resolved here.
+
+    Call it in the driver before shipping: ``cache=None`` means ``./.cache`` of the
+    driver's working directory, which a worker elsewhere would resolve differently.
+    """
+    import copy
+
+    job = copy.copy(experiment)
+    if job.cache is None:
+        job.cache = default_cache_store()
+    return job
+
