@@ -164,14 +164,31 @@ def record_metric(data, ctx):
     return data, {METRIC: 1.0}
 
 
-def _build_experiment(plugins: list, runs: int, log_level: str | None) -> Experiment:
+MATMUL_SIZE = 400
+MATMUL_PRODUCTS = 40
+
+
+@pipeline_step()
+def matmul(data, ctx):
+    # The numpy-heavy workload of bench_local.py: repeated 400x400 products.
+    import numpy
+
+    a = numpy.random.default_rng(0).random((MATMUL_SIZE, MATMUL_SIZE))
+    for _ in range(MATMUL_PRODUCTS):
+        a = a @ a
+        a /= numpy.abs(a).max()
+    return data
+
+
+def _build_experiment(plugins: list, runs: int, log_level: str | None, workload: str = "noop") -> Experiment:
     plugins = list(plugins)
     plugins.append(ArtifactPlugin(root_dir=os.path.join(_SCRATCH, "data")))
     if log_level is not None:
         plugins.append(LoggingPlugin(log_level=log_level))
+    first = matmul() if workload == "matmul" else passthrough()
     return Experiment(
         datasource=constant_source(),
-        pipeline=Pipeline([passthrough(), record_metric()]),
+        pipeline=Pipeline([first, record_metric()]),
         plugins=plugins,
         name="reference_overhead_probe",
         replicates=runs,
@@ -289,7 +306,7 @@ def _run_backend(args) -> dict:
             info["max_workers"] = args.workers or (
                 max(1, (os.cpu_count() or 2) - 1) if args.backend == "process" else (os.cpu_count() or 8)
             )
-        exp = _build_experiment(plugins, args.runs, args.log_level)
+        exp = _build_experiment(plugins, args.runs, args.log_level, args.workload)
         t0 = time.perf_counter()
         result = exp.run()
         elapsed = time.perf_counter() - t0
@@ -298,6 +315,7 @@ def _run_backend(args) -> dict:
         raise RuntimeError(problem)
     return {
         "backend": args.backend,
+        "workload": args.workload,
         "runs": args.runs,
         "seconds": round(elapsed, 4),
         "per_run_ms": round(elapsed * 1000.0 / args.runs, 4),
@@ -351,6 +369,8 @@ def main(argv=None) -> int:
         help="pass LoggingPlugin(log_level=...); default: the reference's default "
         "LoggingPlugin (INFO, which logs one line per replicate to stderr)",
     )
+    parser.add_argument("--workload", choices=["noop", "matmul"], default="noop",
+                        help="noop (default) or matmul: repeated 400x400 products per run")
     parser.add_argument("--ray-cpus", type=int, default=2)
     parser.add_argument("--no-ray-patch", action="store_true")
     parser.add_argument("--no-ray-warmup", action="store_true")

@@ -2,8 +2,12 @@
 
 Usage::
 
-    python benchmarks/bench_local.py [--runs 2000] [--repeat 3]
+    python benchmarks/bench_local.py [--runs 2000] [--repeat 3] [--numpy-runs 20]
                                      [--reference-python /work/refenv/bin/python]
+
+A second table times numpy-heavy runs (repeated 400x400 matrix products) on the
+process pool against serial, with native threads limited to each worker's CPU share
+(the default) and unlimited (how the pool behaved before ``threads_per_worker``).
 
 Workload (the same as ``benchmarks/_reference_runner.py``): a datasource returning a
 small constant tuple and two trivial steps, one passing its input on and one returning
@@ -71,6 +75,22 @@ def record_metric(data, ctx):
     return data, {METRIC: 1.0}
 
 
+MATMUL_SIZE = 400
+MATMUL_PRODUCTS = 40  # the same numbers as _reference_runner.py --workload matmul
+
+
+@pipeline_step()
+def matmul(data, ctx):
+    """Numpy-heavy work: repeated 400x400 products (BLAS uses every thread it may)."""
+    import numpy
+
+    a = numpy.random.default_rng(0).random((MATMUL_SIZE, MATMUL_SIZE))
+    for _ in range(MATMUL_PRODUCTS):
+        a = a @ a
+        a /= numpy.abs(a).max()
+    return data
+
+
 BACKENDS: dict[str, Callable[[], ExecutionBackend]] = {
     "serial": SerialExecution,
     "thread": lambda: ParallelExecution(max_workers=WORKERS, executor_type="thread"),
@@ -115,13 +135,63 @@ def time_backend(name: str, runs: int, scratch: str) -> float:
     return run_checked(exp, runs)
 
 
-def reference(python: Path, backend: str, runs: int, repeat: int) -> dict:
+NUMPY_BACKENDS: dict[str, Callable[[], ExecutionBackend]] = {
+    "serial": SerialExecution,
+    # Before threads_per_worker: each worker's BLAS used every CPU (oversubscribed).
+    "process, BLAS threads = all CPUs": lambda: ParallelExecution(
+        max_workers=WORKERS, executor_type="process", threads_per_worker=os.cpu_count() or 1),
+    "process (default: CPU share)": lambda: ParallelExecution(max_workers=WORKERS, executor_type="process"),
+}
+
+
+def time_numpy(name: str, runs: int, scratch: str) -> float:
+    """Seconds for ``runs`` numpy-heavy runs on one backend, checked."""
+    exp = Experiment(
+        datasource=constant_source(),
+        pipeline=Pipeline([matmul(), record_metric()]),
+        plugins=[NUMPY_BACKENDS[name](), ArtifactPlugin(root_dir=scratch)],
+        name="numpy_probe",
+        replicates=runs,
+    )
+    return run_checked(exp, runs)
+
+
+def numpy_table(runs: int, repeat: int, ref_python: Path | None) -> None:
+    """Numpy-heavy runs: the process pool against serial (serial already uses all
+    cores through BLAS), and the reference package's process pool."""
+    try:
+        import numpy  # noqa: F401  (imported before the pools fork, as a user's script would)
+    except ImportError:
+        print("\n(numpy not installed: numpy-heavy table skipped)")
+        return
+    times: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="crystallize_bench_") as scratch:
+        for name in NUMPY_BACKENDS:
+            times[name] = min(time_numpy(name, runs, scratch) for _ in range(repeat))
+    serial = times["serial"]
+    print(f"\nnumpy-heavy runs: {runs} runs of {MATMUL_PRODUCTS} products of {MATMUL_SIZE}x{MATMUL_SIZE}, "
+          f"best of {repeat}; speed relative to serial (> 1: faster than serial)")
+    header = f"{'backend':<40}{'seconds':>10}{'x serial speed':>16}"
+    print(header)
+    print("-" * len(header))
+    for name, seconds in times.items():
+        print(f"{name:<40}{seconds:>10.3f}{serial / seconds:>16.2f}")
+    if ref_python is not None:
+        ref = reference(ref_python, "process", runs, repeat, workload="matmul")
+        if "error" in ref:
+            print(f"{'reference process (crystallize-ml)':<40}{'error':>10}  {ref['error']}")
+        else:
+            print(f"{'reference process (crystallize-ml)':<40}{ref['seconds']:>10.3f}"
+                  f"{serial / ref['seconds']:>16.2f}")
+
+
+def reference(python: Path, backend: str, runs: int, repeat: int, workload: str = "noop") -> dict:
     """Best of ``repeat`` invocations of the reference probe; ``{"error": ...}`` on failure."""
     best: dict | None = None
     for _ in range(repeat):
         proc = subprocess.run(
             [str(python), str(REFERENCE_RUNNER), "--backend", backend, "--runs", str(runs),
-             "--log-level", "WARNING", "--workers", str(WORKERS)],
+             "--log-level", "WARNING", "--workers", str(WORKERS), "--workload", workload],
             capture_output=True, text=True, timeout=600, cwd=tempfile.gettempdir(),
         )
         lines = proc.stdout.strip().splitlines()
@@ -149,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{DEFAULT_REFERENCE_PYTHON} if it exists)",
     )
     parser.add_argument("--no-reference", action="store_true", help="skip the reference package")
+    parser.add_argument("--numpy-runs", type=int, default=20,
+                        help="runs of the numpy-heavy table (0 skips it; default 20)")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.repeat < 1:
         parser.error("--runs and --repeat must be >= 1")
@@ -201,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"reference {name} failed: {ref['error']}")
     elif ref_python is None and not args.no_reference:
         print(f"\n(no reference interpreter: pass --reference-python; {DEFAULT_REFERENCE_PYTHON} not found)")
+    if args.numpy_runs:
+        numpy_table(args.numpy_runs, repeat, ref_python)
     return 0
 
 
