@@ -36,6 +36,11 @@ class DataSource:
     def name(self) -> str:
         return type(self).__name__
 
+    @property
+    def parameter_names(self) -> tuple[str, ...]:
+        """The keyword parameters filled from the context; empty unless built by ``@data_source``."""
+        return ()
+
 
 class _FunctionSource(DataSource):
     """A data source built by a ``@data_source`` factory: the function plus explicit params."""
@@ -48,6 +53,10 @@ class _FunctionSource(DataSource):
     @property
     def name(self) -> str:
         return self.fn.__name__
+
+    @property
+    def parameter_names(self) -> tuple[str, ...]:
+        return tuple(self._signature.names)
 
     def fetch(self, ctx: FrozenContext) -> Any:
         return self.fn(ctx, **self._signature.resolve(self.name, self.params, ctx))

@@ -16,6 +16,9 @@
     ├── WorkerCrashedError        the process running a run died (recorded, not raised)
     └── ArtifactError             an artifact name is unsafe or cannot be written
 
+    UserWarning
+    └── UnusedTreatmentKeyWarning a treatment sets a key that nothing seems to read
+
 Every message says what went wrong, where (step, replicate, condition when known)
 and what to do about it.
 """
@@ -34,6 +37,7 @@ __all__ = [
     "SerializationError",
     "StepError",
     "UnknownParameterError",
+    "UnusedTreatmentKeyWarning",
     "ValidationError",
     "WorkerCrashedError",
 ]
@@ -144,3 +148,16 @@ class WorkerCrashedError(CrystallizeError):
 
 class ArtifactError(CrystallizeError):
     """An artifact name would escape the artifact root, or writing it failed."""
+
+
+class UnusedTreatmentKeyWarning(UserWarning):
+    """A treatment sets a context key that nothing seems to read.
+
+    Issued by ``validate()`` and ``run()`` before any run starts when no step or
+    data-source parameter is named after the key, no ``initial_ctx`` key sets it and
+    no step, data source or plugin spells it in its code: most likely a typo, and then
+    the treatment changes nothing. A warning, not an error: code may still read the
+    key by a computed name. After the runs, keys that no run read are listed in
+    ``result.provenance["unused_treatment_keys"]``.
+    Silence it with ``warnings.filterwarnings("ignore", category=UnusedTreatmentKeyWarning)``.
+    """

@@ -7,6 +7,7 @@ import inspect
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -14,7 +15,12 @@ from ._drive import loop_running
 from .backend import ExecutionBackend
 from .context import FrozenContext
 from .datasource import DataSource
-from .errors import BackendError, PipelineError, ValidationError
+from .errors import (
+    BackendError,
+    PipelineError,
+    UnusedTreatmentKeyWarning,
+    ValidationError,
+)
 from .execution import SerialExecution
 from .hypotheses import Hypothesis
 from .pipeline import Pipeline
@@ -23,7 +29,7 @@ from .progress import Progress
 from .result import Result, RunResult
 from .runner import RunSpec
 from .stores import CacheStore, LocalCacheStore
-from .treatments import BASELINE, Treatment
+from .treatments import BASELINE, Treatment, unknown_keys, unread_keys
 
 __all__ = ["Experiment"]
 
@@ -87,12 +93,39 @@ class Experiment:
     def validate(self) -> None:
         """Check the experiment's structure; report every problem at once.
 
+        ``run()`` makes the same checks before any run starts.
+
         Raises:
             ValidationError: listing each problem with what to do about it.
+
+        Warns:
+            UnusedTreatmentKeyWarning: for each treatment key that no step or
+                data-source parameter and no ``initial_ctx`` key is named after and
+                no step, data source or plugin spells in its code (e.g. ``{"c": 10}``
+                where the parameter is ``C``).
+
+        Example:
+            >>> from crystallize import pipeline_step
+            >>> @pipeline_step()
+            ... def fit(data, *, C=1.0):
+            ...     return data, {"C": C}
+            >>> exp = Experiment(lambda ctx: 0, [fit()], treatments=[Treatment("C=10", {"c": 10.0})])
+            >>> import warnings
+            >>> with warnings.catch_warnings(record=True) as caught:
+            ...     warnings.simplefilter("always")
+            ...     exp.validate()
+            >>> print(caught[0].message)  # doctest: +ELLIPSIS
+            Treatment 'C=10' sets 'c', but no step ... is named 'c' (did you mean 'C'?)...
         """
         problems = list(self._problems(self.treatments, self.hypotheses, self.replicates))
         if problems:
             raise ValidationError(problems)
+        self._warn_unknown_keys(self.treatments, stacklevel=3)
+
+    def _warn_unknown_keys(self, treatments: Sequence[Treatment], stacklevel: int) -> None:
+        steps = self.pipeline.steps if isinstance(self.pipeline, Pipeline) else ()
+        for message in unknown_keys(treatments, steps, self.datasource, self.initial_ctx, self.plugins):
+            warnings.warn(message, UnusedTreatmentKeyWarning, stacklevel=stacklevel)
 
     def _problems(self, treatments: Sequence[Any], hypotheses: Sequence[Any], replicates: Any) -> list[str]:
         problems = []
@@ -223,6 +256,7 @@ class Experiment:
             problems.append("hypotheses compare treatments with the baseline, but there are no treatments.")
         if problems:
             raise ValidationError(problems)
+        job._warn_unknown_keys(job.treatments, stacklevel=4)  # user -> run -> _prepare -> here
         for plugin in job.plugins:
             plugin.before_run(job)
         plan = [RunSpec(r, c) for r in range(job.replicates) for c in job.conditions]
@@ -246,6 +280,7 @@ class Experiment:
                         "See result.errors for every failure with its traceback.",
                         self.name, len(result.errors), len(result.runs), result.errors[0])
         if evaluate:
+            _report_unread_keys(self, result)
             treated = {n: tm.metrics for n, tm in result.metrics.treatments.items()}
             result.metrics.hypotheses = [
                 h.evaluate(result.metrics.baseline.metrics, treated) for h in self.hypotheses
@@ -315,6 +350,29 @@ class _Collector:
 
     def result(self) -> Result:
         return self.job._finish(self.runs, self.started)
+
+
+def _report_unread_keys(job: Experiment, result: Result) -> None:
+    """Record, and log once, the treatment keys that no run of their condition used.
+
+    Sets ``result.provenance["unused_treatment_keys"]`` to ``{condition: [keys]}``
+    (empty when every key was used). A diagnostic never costs the result: if it
+    fails, that is logged and the result stands.
+    """
+    try:
+        steps = job.pipeline.steps if isinstance(job.pipeline, Pipeline) else ()
+        unread = unread_keys(job.treatments, result.runs, steps, job.datasource, job.plugins)
+    except Exception:
+        log.exception("Experiment %r: could not check which treatment keys were used; the "
+                      "result is unaffected.", job.name)
+        return
+    result.provenance["unused_treatment_keys"] = unread
+    if unread:
+        listed = "; ".join(f"{c!r}: {', '.join(map(repr, keys))}" for c, keys in unread.items())
+        log.warning("Experiment %r: no run read these treatment keys, and no step parameter took them "
+                    "from the context: %s. Unless the data source or a plugin reads them by a computed name, "
+                    "those treatments changed nothing; check the spelling against the steps' parameters. "
+                    "(Also in result.provenance['unused_treatment_keys'].)", job.name, listed)
 
 
 def _runs(keys: set[tuple[int, str]], most: int = 5) -> str:

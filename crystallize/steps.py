@@ -67,6 +67,14 @@ class PipelineStep:
         return {}
 
     @property
+    def parameter_names(self) -> tuple[str, ...]:
+        """The keyword parameters the step declares, filled explicit > context > default.
+
+        Empty for class steps: they read the context themselves (``ctx.get``).
+        """
+        return ()
+
+    @property
     def name(self) -> str:
         """A readable name for messages and provenance."""
         return type(self).__name__
@@ -154,6 +162,11 @@ class FunctionStep(PipelineStep):
     def params(self) -> Mapping[str, Any]:
         """The parameters given explicitly when the step was built."""
         return dict(self._explicit)
+
+    @property
+    def parameter_names(self) -> tuple[str, ...]:
+        """The function's keyword parameters (never ``ctx``, ``*args`` or ``**kwargs``)."""
+        return tuple(self._signature.names)
 
     def resolve_params(self, ctx: FrozenContext) -> dict[str, Any]:
         """Fill every parameter: explicit value > value in ``ctx`` > default.
