@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
+from _golden_values import GOLDEN_VALUES
 
 import crystallize
-from crystallize.hashing import CACHE_FORMAT_VERSION, hash_bytes, hash_struct, hash_value
+from crystallize.errors import CrystallizeError
+from crystallize.hashing import (
+    CACHE_FORMAT_VERSION,
+    UnhashableValueError,
+    hash_bytes,
+    hash_struct,
+    hash_value,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,18 +35,6 @@ class Point:
 class OtherPoint:
     x: int
     y: float
-
-
-@dataclasses.dataclass(frozen=True)
-class GoldenPoint:
-    x: int
-    y: float
-
-
-# A dataclass hashes its qualified name; pin it so the golden digest does not depend on
-# how pytest names this module.
-GoldenPoint.__module__ = "crystallize_golden"
-GoldenPoint.__qualname__ = "Point"
 
 
 def test_public_hash_value_is_the_hashing_module_function():
@@ -140,6 +142,15 @@ def test_long_homogeneous_lists_keep_type_distinctions():
     assert hash_value(floats) == hash_value([float(i) for i in range(1000)])
 
 
+def test_long_lists_of_strings_keep_their_distinctions():
+    words = [f"w{i}" for i in range(20)]
+    assert hash_value(words) == hash_value([f"w{i}" for i in range(20)])
+    assert hash_value(words) != hash_value(tuple(words))
+    assert hash_value(words) != hash_value(words[:-1] + [b"w19"])
+    assert hash_value(words) != hash_value(["".join(words)])
+    assert hash_value(["ab", "c"] * 5) != hash_value(["a", "bc"] * 5)
+
+
 def test_big_ints_are_hashed_by_value():
     big = [2**70 + i for i in range(10)]
     assert hash_value(big) == hash_value([2**70 + i for i in range(10)])
@@ -240,29 +251,240 @@ def test_hash_bytes_is_xxh3_128_of_the_raw_bytes():
     assert hash_bytes(memoryview(b"abc")) == hash_bytes(b"abc")
 
 
+# -- no collisions from data ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "left, right",
+    [
+        (b"ab", bytearray(b"ab")),
+        (b"ab", memoryview(b"ab")),
+        (bytearray(b"ab"), memoryview(b"ab")),
+        (memoryview(b"abcd"), memoryview(b"abcd").cast("b")),
+        (memoryview(b"abcd"), memoryview(b"abcd").cast("B", (2, 2))),
+    ],
+    ids=["bytes/bytearray", "bytes/memoryview", "bytearray/memoryview", "format", "shape"],
+)
+def test_byte_containers_keep_their_type(left, right):
+    assert bytes(left) == bytes(right)
+    assert hash_value(left) != hash_value(right)
+
+
+def test_equal_byte_containers_of_one_type_agree():
+    assert hash_value(bytearray(b"ab")) == hash_value(bytearray(b"ab"))
+    strided = memoryview(b"abcdef")[::2]
+    assert hash_value(strided) == hash_value(memoryview(b"ace"))
+
+
+class Tagged(dict):
+    pass
+
+
+class Row(list):
+    __slots__ = ("weight",)
+
+
+class Count(int):
+    pass
+
+
+def test_a_builtin_subclass_keeps_its_type_and_its_attributes():
+    plain, tagged = Tagged(a=1), Tagged(a=1)
+    assert hash_value(plain) == hash_value(Tagged(a=1))
+    assert hash_value(plain) != hash_value({"a": 1})
+    tagged.note = "x"
+    assert hash_value(tagged) != hash_value(plain)
+    tagged.note = "y"
+    first = hash_value(tagged)
+    tagged.note = "x"
+    assert hash_value(tagged) != first
+
+    row = Row([1.0] * 10)
+    assert hash_value(row) != hash_value([1.0] * 10)
+    row.weight = 1
+    heavier = Row([1.0] * 10)
+    heavier.weight = 2
+    assert hash_value(row) != hash_value(heavier)
+
+    three = Count(3)
+    three.unit = "m"
+    assert hash_value(three) != hash_value(Count(3))
+    assert hash_value(Count(3)) != hash_value(3)
+
+
+def test_ordered_dict_is_order_sensitive_and_not_a_dict():
+    first = collections.OrderedDict([("a", 1), ("b", 2)])
+    second = collections.OrderedDict([("b", 2), ("a", 1)])
+    assert hash_value(first) != hash_value(second)
+    assert hash_value(first) == hash_value(collections.OrderedDict([("a", 1), ("b", 2)]))
+    assert hash_value(first) != hash_value({"a": 1, "b": 2})
+
+
+def test_defaultdict_includes_its_default_factory():
+    of_lists = collections.defaultdict(list, a=[1])
+    assert hash_value(of_lists) != hash_value(collections.defaultdict(tuple, a=[1]))
+    assert hash_value(of_lists) != hash_value({"a": [1]})
+    assert hash_value(of_lists) == hash_value(collections.defaultdict(list, a=[1]))
+    # A lambda factory is common; it is named rather than refused.
+    assert hash_value(collections.defaultdict(lambda: 0)) != hash_value(collections.defaultdict(int))
+
+
+@dataclasses.dataclass
+class Scaled:
+    x: int
+
+    def __post_init__(self) -> None:
+        self.doubled = self.x * 2
+
+
+def test_dataclasses_include_attributes_that_are_not_fields():
+    made = Scaled(2)
+    assert hash_value(made) == hash_value(Scaled(2))
+    made.doubled = 5  # no longer what __post_init__ computed
+    assert hash_value(made) != hash_value(Scaled(2))
+    later = Scaled(2)
+    later.extra = [1]
+    assert hash_value(later) != hash_value(Scaled(2))
+
+
+class Holder:
+    def __init__(self, items) -> None:
+        self.items = items
+
+
+def test_an_object_is_hashed_through_its_canonical_reduction():
+    first, second = _built_in_two_orders(set, COLLIDING)
+    assert hash_value(Holder(first)) == hash_value(Holder(second))
+    assert hash_value(Holder({1, 2})) != hash_value(Holder({1, 3}))
+    assert hash_value(Holder({1, 2})) != hash_value(Tagged(items={1, 2}))
+    nested_a = Holder({"k": Holder(first), "l": [Holder(None)]})
+    nested_b = Holder({"l": [Holder(None)], "k": Holder(second)})
+    assert hash_value(nested_a) == hash_value(nested_b)
+
+
+def test_getstate_decides_what_an_object_contributes():
+    class Model:
+        def __init__(self, weights) -> None:
+            self.weights = weights
+            self.lock = threading.Lock()
+
+        def __getstate__(self):
+            return {"weights": self.weights}
+
+    assert hash_value(Model([1, 2])) == hash_value(Model([1, 2]))
+    assert hash_value(Model([1, 2])) != hash_value(Model([1, 3]))
+
+
+def module_level_function(x):
+    return x
+
+
+def other_module_level_function(x):
+    return x
+
+
+def test_functions_and_classes_are_hashed_by_qualified_name():
+    assert hash_value(module_level_function) == hash_value(module_level_function)
+    assert hash_value(module_level_function) != hash_value(other_module_level_function)
+    assert hash_value(len) != hash_value(max)
+    assert hash_value(Holder) != hash_value(Scaled)
+    assert hash_value({"fn": np.mean}) != hash_value({"fn": np.median})
+
+
+@pytest.mark.parametrize(
+    "make, kind",
+    [
+        (lambda: (lambda x: x), "builtins.function"),
+        (lambda: threading.Lock(), "_thread.lock"),
+        (lambda: (i for i in range(3)), "builtins.generator"),
+        (lambda: open(__file__), "_io.TextIOWrapper"),
+    ],
+    ids=["lambda", "lock", "generator", "file"],
+)
+def test_values_without_a_canonical_form_raise_a_named_error(make, kind):
+    value = make()
+    try:
+        with pytest.raises(UnhashableValueError, match="runs without the cache") as caught:
+            hash_value({"key": [value]})
+    finally:
+        getattr(value, "close", lambda: None)()
+    assert caught.value.value_type == kind
+    assert isinstance(caught.value, TypeError)
+    assert isinstance(caught.value, CrystallizeError)
+
+
+def test_the_error_names_the_objects_holding_the_culprit():
+    with pytest.raises(UnhashableValueError, match=r"'_thread.lock' inside '.*Holder' inside .*give it a __getstate__"):
+        hash_value([Tagged(h=Holder(threading.Lock()))])
+
+
+def test_a_local_function_is_refused_not_confused_with_another():
+    def make(k):
+        def scale(x):
+            return x * k
+
+        return scale
+
+    with pytest.raises(UnhashableValueError, match="cannot be found by its name"):
+        hash_value(make(1))
+
+
+def test_objects_and_dicts_that_contain_themselves_can_be_hashed():
+    loop: dict = {"a": 1}
+    loop["self"] = loop
+    assert hash_value(loop) == hash_value(loop)
+    assert hash_value(loop) != hash_value({"a": 1, "self": None})
+
+    node = Holder(None)
+    node.items = {"me": node, "set": {1, 2}}
+    other = Holder(None)
+    other.items = {"me": other, "set": {2, 1}}
+    assert hash_value(node) == hash_value(other)
+
+    # A cycle through a set: the set's sort keys see the outer object.
+    frozen = Holder(None)
+    frozen.items = frozenset({frozen, 1})
+    assert hash_value(frozen) == hash_value(frozen)
+
+
 # -- golden digests -------------------------------------------------------------------
 # These pin the exact encoding. Every cache entry on every user's disk is keyed by
 # them: a change here must be a deliberate CACHE_FORMAT_VERSION bump (and then every
 # digest below is recomputed and pasted in), never a side effect of a refactor.
+# The values live in tests/_golden_values.py, so a fresh process can hash them too.
 
-GOLDEN_VERSION = 1
+GOLDEN_VERSION = 2
 
-GOLDEN = [
-    ("none", None, "626d368fe0e74b4f1a038927df1311d6"),
-    ("true", True, "1d33c0bd3511c80d20948828081ddcb4"),
-    ("int", 1, "08290220f98bbcacd580c4a0a523844e"),
-    ("float", 1.0, "9da619392aff67b6fc8c3eb68eb3e494"),
-    ("str", "1", "f1a4b4b4d3b756eb12b24d8b9cc5718b"),
-    ("bytes", b"\x00\x01", "d3f349a4f2b3d334f79e46d6bd260e89"),
-    ("list", [1, 2, 3], "35083e511e6749630616d4528585e212"),
-    ("tuple", (1, "a", None), "b26188c5ae62258c0ca5d6a7996d9dc1"),
-    ("dict", {"b": 1, "a": [1.5, None]}, "a7a8294b2be08a76fa95dfd84815689a"),
-    ("set", {3, 1, 2}, "a009cfd62caa9724ada2e17f9e0f8716"),
-    ("packed floats", [i / 4 for i in range(10)], "c90c37f90b144ce7d2ac3961e209720e"),
-    ("packed ints", list(range(10)), "7477cd603ef4be75d44aa503b4d193fe"),
-    ("ndarray", np.arange(6, dtype="<i8").reshape(2, 3), "0cc3808f6aced6d848e4aa6ea515696f"),
-    ("dataclass", GoldenPoint(1, 2.5), "bc0a1be27a7a4dd4850ebc5a32e4616e"),
-]
+GOLDEN_DIGESTS = {
+    "none": "626d368fe0e74b4f1a038927df1311d6",
+    "true": "1d33c0bd3511c80d20948828081ddcb4",
+    "int": "08290220f98bbcacd580c4a0a523844e",
+    "float": "9da619392aff67b6fc8c3eb68eb3e494",
+    "str": "f1a4b4b4d3b756eb12b24d8b9cc5718b",
+    "bytes": "d3f349a4f2b3d334f79e46d6bd260e89",
+    "bytearray": "e96feb4c3569f8c72dca31f530689244",
+    "memoryview": "c98874f222e8a5acdd96b2a10f7d84b9",
+    "list": "35083e511e6749630616d4528585e212",
+    "tuple": "b26188c5ae62258c0ca5d6a7996d9dc1",
+    "dict": "a7a8294b2be08a76fa95dfd84815689a",
+    "set": "a009cfd62caa9724ada2e17f9e0f8716",
+    "set of strings": "64574fe630cd1e1c4104fb593a832de0",
+    "packed floats": "c90c37f90b144ce7d2ac3961e209720e",
+    "packed ints": "7477cd603ef4be75d44aa503b4d193fe",
+    "list of strings": "2cd12d8deaaa6f3bb0bce4ec1392f47e",
+    "ndarray": "0cc3808f6aced6d848e4aa6ea515696f",
+    "dataclass": "2f34cfc21ae1111162ee87f127305746",
+    "dataclass with extra attribute": "0e5e6ab63e45398c9a0a54931fbbac61",
+    "ordered dict": "b0e8d52781bfdefadd7808bf23b8fcf7",
+    "defaultdict": "1e8898931a694f12c0588b3b56bcf234",
+    "dict subclass with attribute": "985a9e0f72e8e8f459822fa13ec80d44",
+    "object holding a set of strings": "b4ebbc62ac695cc5b3b3a4162016f973",
+    "object with slots": "e9e410799b0cdea1cadf04db65f0493f",
+    "namespace": "ec1789fb7a8763573c638d0e10fb0b16",
+    "self-referential list": "901b1c532e95cf59455508c023b63c07",
+}
+
+GOLDEN = [(label, value, GOLDEN_DIGESTS[label]) for label, value in GOLDEN_VALUES]
 
 
 def test_golden_digests_belong_to_this_cache_format_version():
@@ -277,4 +499,16 @@ def test_golden_digest(label, value, digest):
 
 
 def test_golden_struct_digest():
-    assert hash_struct("step", "mod.fn", "code", {"factor": 2}) == "77fcd041061e8e393649cb95c887f838"
+    assert hash_struct("step", "mod.fn", "code", {"factor": 2}) == "9ba5c8518f784c743e5be7beab9acfcc"
+
+
+@pytest.mark.parametrize("seed", ["0", "1", "12345"])
+def test_golden_digests_hold_in_fresh_processes_under_any_hash_seed(seed):
+    script = Path(__file__).with_name("_golden_values.py")
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "PYTHONHASHSEED": seed},
+    )
+    assert done.returncode == 0, done.stderr
+    printed = dict(line.split("\t") for line in done.stdout.splitlines())
+    assert printed == GOLDEN_DIGESTS
