@@ -24,7 +24,7 @@ from .errors import (
 )
 from .execution import AsyncExecution, ExecutionBackend, SerialExecution
 from .experiment import Experiment
-from .hashing import CACHE_FORMAT_VERSION, hash_value
+from .hashing import CACHE_FORMAT_VERSION, UnhashableValueError, hash_value
 from .hypotheses import Hypothesis, HypothesisResult, Verifier, hypothesis, verifier
 from .parallel import ParallelExecution
 from .pipeline import Pipeline
@@ -90,6 +90,7 @@ __all__ = [
     "StepRecord",
     "Treatment",
     "TreatmentMetrics",
+    "UnhashableValueError",
     "UnknownParameterError",
     "ValidationError",
     "Verifier",

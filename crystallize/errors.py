@@ -12,6 +12,7 @@
     ├── PipelineError             a pipeline cannot be built or run as asked
     ├── StepError                 a step raised; the original is ``__cause__``
     ├── SerializationError        a step or experiment cannot be shipped to a worker
+    ├── UnhashableValueError      (also a TypeError; in hashing.py) no canonical digest
     ├── ValidationError           an experiment is structurally wrong
     ├── WorkerCrashedError        the process running a run died (recorded, not raised)
     └── ArtifactError             an artifact name is unsafe or cannot be written

@@ -52,6 +52,7 @@ PUBLIC = [
     "StepRecord",
     "Treatment",
     "TreatmentMetrics",
+    "UnhashableValueError",
     "UnknownParameterError",
     "ValidationError",
     "Verifier",
