@@ -62,7 +62,8 @@ from .runner import (
     worker_died,
 )
 from .serialization import deserialize_experiment, pack_results, serialize_experiment, unpack_results
-from .stores import default_cache_store
+from .signing import CacheKeyError, cache_key
+from .stores import KeyedStore, default_cache_store
 
 __all__ = [
     "ConfigurationError",
@@ -200,15 +201,38 @@ def batched(plan: Sequence[RunSpec], size: int) -> list[list[RunSpec]]:
 
 
 def resolve_cache(experiment: Any) -> Any:
-    """A shallow copy of ``experiment`` whose default cache is resolved here.
+    """A shallow copy of ``experiment`` whose cache is resolved here, in the driver.
 
-    Call it in the driver before shipping: ``cache=None`` means ``./.cache`` of the
-    driver's working directory, which a worker elsewhere would resolve differently.
+    Call it in the driver before shipping the experiment to other machines:
+
+    * ``cache=None`` (or ``True``) means ``./.cache`` of the driver's working
+      directory, which a worker elsewhere would resolve differently;
+    * the store is wrapped in a :class:`~crystallize.stores.KeyedStore` holding the
+      driver's cache key, so workers sign and verify entries with it rather than
+      with their own machine's per-user key. The key travels inside the shipped
+      experiment. If the driver has no key (its key file cannot be read or made),
+      the store ships unkeyed and each worker uses its own.
+
+    Args:
+        experiment: the experiment prepared for this ``run()``.
+
+    Returns:
+        The copy to ship; ``experiment`` itself is not changed.
+
+    Example:
+        >>> job = resolve_cache(experiment)  # doctest: +SKIP
+        >>> blob = serialize_experiment(job, backend="MyCluster")  # doctest: +SKIP
     """
     import copy
 
     job = copy.copy(experiment)
-    if job.cache is None:
+    if job.cache is None or job.cache is True:
         job.cache = default_cache_store()
+    caching = job.cache is not False and any(step.cacheable for step in job.pipeline.steps)
+    if caching and not isinstance(job.cache, KeyedStore):
+        try:
+            job.cache = KeyedStore(job.cache, cache_key())
+        except CacheKeyError:
+            pass  # each worker resolves its own key, and warns once if it cannot
     return job
 

@@ -12,35 +12,40 @@ Where entries go, for a step hash ``S`` and an input hash ``I``:
   primary's. The variant's name is derived from the primary's read keys and the
   current values, so a lookup costs at most two reads.
 
-Blobs are ``MAGIC | xxh3-128(body) | body``; a blob that fails its checksum or does
-not unpickle is a miss, is deleted, and is rewritten by the run that missed.
+Blobs are ``MAGIC | MAC(body) | body``, the MAC keyed with this user's (or the
+driver's) cache key (see :mod:`crystallize.signing`). A body is unpickled only after
+its MAC verifies; a blob that fails, or does not unpickle, is a miss, is deleted, and
+is rewritten by the run that missed. The store is wrapped in a
+:class:`~crystallize.stores.GuardedStore`: its ``OSError`` costs a warning, not a run.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
 import cloudpickle
-import xxhash
 
 from .context import _MISSING, FrozenContext, _Unhashable
 from .hashing import hash_struct, hash_value
-from .stores import CacheStore
+from .signing import MAC_SIZE, CacheKeyError, cache_key, sign, verify
+from .stores import CacheStore, GuardedStore, KeyedStore
 
 __all__ = ["CacheEntry", "StepCache", "decode_entry", "encode_entry", "read_digests", "value_digest"]
 
 log = logging.getLogger("crystallize.cache")
 
-MAGIC = b"CRYSTALLIZE-ENTRY\x01"
-_DIGEST_SIZE = 16
+# The last byte is the frame version: 2 added the MAC, so version-1 entries (an
+# unkeyed checksum) are misses and get rewritten signed.
+MAGIC = b"CRYSTALLIZE-ENTRY\x02"
 _ABSENT = "<absent>"
 
 
 class CorruptEntryError(ValueError):
-    """A blob is not a whole, valid cache entry."""
+    """A blob is not a whole entry signed with this cache's key, or does not unpickle."""
 
 
 @dataclass
@@ -62,24 +67,47 @@ class CacheEntry:
     artifacts: list[Any] = field(default_factory=list)
 
 
-def encode_entry(entry: CacheEntry) -> bytes:
-    """Frame an entry with a checksum. Raises whatever pickling raises."""
+def encode_entry(entry: CacheEntry, key: bytes | None = None) -> bytes:
+    """Pickle and sign an entry: ``MAGIC | MAC | body``.
+
+    Args:
+        entry: what to store.
+        key: the MAC key; ``None`` for this process's :func:`~crystallize.signing.cache_key`.
+
+    Raises:
+        Exception: whatever pickling the entry raises.
+
+    Example:
+        >>> blob = encode_entry(CacheEntry(output=42), b"k" * 32)
+        >>> decode_entry(blob, b"k" * 32).output
+        42
+    """
     body = cloudpickle.dumps(entry.__dict__, protocol=5)
-    return MAGIC + xxhash.xxh3_128_digest(body) + body
+    return MAGIC + sign(body, cache_key() if key is None else key) + body
 
 
-def decode_entry(blob: bytes) -> CacheEntry:
-    """Check and unpack a blob. Raises :class:`CorruptEntryError` on any damage."""
+def decode_entry(blob: bytes, key: bytes | None = None) -> CacheEntry:
+    """Verify, then unpack, a blob made by :func:`encode_entry`.
+
+    Args:
+        blob: the stored bytes.
+        key: the MAC key; ``None`` for this process's :func:`~crystallize.signing.cache_key`.
+
+    Raises:
+        CorruptEntryError: a wrong header, a MAC that does not verify under ``key``
+            (damaged, forged, or signed with another key: the body is then never
+            unpickled), or a verified body that does not unpickle here.
+    """
     head = len(MAGIC)
-    if len(blob) < head + _DIGEST_SIZE or not blob.startswith(MAGIC):
+    if len(blob) < head + MAC_SIZE or not blob.startswith(MAGIC):
         raise CorruptEntryError("bad header")
     view = memoryview(blob)
-    digest, body = view[head : head + _DIGEST_SIZE], view[head + _DIGEST_SIZE :]
-    if xxhash.xxh3_128_digest(body) != digest:
-        raise CorruptEntryError("checksum mismatch")
+    mac, body = view[head : head + MAC_SIZE], view[head + MAC_SIZE :]
+    if not verify(mac, body, cache_key() if key is None else key):
+        raise CorruptEntryError("its MAC does not verify: damaged, forged, or signed with another cache key")
     try:
         return CacheEntry(**pickle.loads(body))
-    except Exception as exc:  # a checksum-valid body from an incompatible writer
+    except Exception as exc:  # signed by us, but by an incompatible version
         raise CorruptEntryError(f"unreadable body: {exc}") from exc
 
 
@@ -100,7 +128,12 @@ class StepCache:
     """Looks entries up in, and saves them to, a :class:`CacheStore`.
 
     Args:
-        store: where the entries live.
+        store: where the entries live. Its ``OSError`` never fails a run: it is
+            warned about once and sets :attr:`failed`.
+        key: the MAC key entries are signed with; default the key a
+            :class:`~crystallize.stores.KeyedStore` carries, else
+            :func:`~crystallize.signing.cache_key`. If that fails, the cache is off
+            (one warning) and every step counts as ``failed``.
 
     Example:
         >>> import tempfile
@@ -112,8 +145,37 @@ class StepCache:
         42
     """
 
-    def __init__(self, store: CacheStore) -> None:
-        self.store = store
+    def __init__(self, store: CacheStore, key: bytes | None = None) -> None:
+        # A store resolved in a driver carries the driver's key, so entries written on
+        # any node verify on every other (see crystallize.backend.resolve_cache).
+        if isinstance(store, KeyedStore):
+            key = store.key if key is None else key
+            store = store.store
+        # A fresh guard per StepCache (one per run): its `failed` flag is this run's.
+        self.store = GuardedStore(store.store if isinstance(store, GuardedStore) else store)
+        if key is None:
+            try:
+                key = cache_key()
+            except CacheKeyError as exc:
+                # Without a key nothing can be verified: the store is skipped, and the
+                # throwaway key below only signs blobs that are never written.
+                self.store.disable(exc)
+                key = os.urandom(MAC_SIZE)
+        self.key = key
+
+    @property
+    def failed(self) -> bool:
+        """Whether the store failed (an ``OSError``, warned about once) since last reset.
+
+        The pipeline resets it before each cacheable step and records ``"error"`` in
+        the step's provenance when it is set after the lookup and save.
+        """
+        return self.store.failed
+
+    @failed.setter
+    def failed(self, value: bool) -> None:
+        self.store.failed = value
+
 
     def lookup(self, step_hash: str, input_hash: str, ctx: FrozenContext) -> CacheEntry | None:
         """The entry whose recorded reads match ``ctx``, or ``None`` (a miss)."""
@@ -133,7 +195,7 @@ class StepCache:
     def save(self, step_hash: str, input_hash: str, entry: CacheEntry) -> bool:
         """Store ``entry``; returns False (and logs why) if it cannot be stored."""
         try:
-            blob = encode_entry(entry)
+            blob = encode_entry(entry, self.key)
         except Exception as exc:
             log.warning(
                 "Output of a cacheable step could not be pickled (%s: %s); it is not "
@@ -155,9 +217,9 @@ class StepCache:
         if blob is None:
             return None
         try:
-            return decode_entry(blob)
+            return decode_entry(blob, self.key)
         except CorruptEntryError as exc:
-            log.warning("Cache entry %s/%s is damaged (%s); recomputing it.", step_hash, key, exc)
+            log.warning("Cache entry %s is damaged (%s); recomputing it.", self.store.where(step_hash, key), exc)
             self.store.delete(step_hash, key)
             return None
 

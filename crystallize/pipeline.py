@@ -157,6 +157,7 @@ def _run_step(
         keys = _cache_key(step, params, data) if caching else None
         status: CacheStatus = "off" if not caching else ("skipped" if keys is None else "miss")
         if keys is not None:
+            cache.failed = False  # type: ignore[union-attr]  # this step's store errors only
             entry = _lookup(cache, keys, ctx, step, index)  # type: ignore[arg-type]
             if entry is not None:
                 _record(ctx, step, index, params, keys, "hit", tuple(entry.reads), recorder, started)
@@ -172,6 +173,8 @@ def _run_step(
         output = _split_metrics(output, ctx)
         if keys is not None:
             status = _store(cache, step, keys, output, recorder)  # type: ignore[arg-type]
+            if cache.failed:  # type: ignore[union-attr]  # warned once by the store; the run stands
+                status = "error"
         _record(ctx, step, index, params, keys, status, tuple(recorder.reads), recorder, started)
         return output
     finally:

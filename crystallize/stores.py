@@ -3,17 +3,30 @@
 A store knows nothing about steps or pickles; it keeps opaque blobs under
 ``(namespace, key)``. Entry framing, checksums and lookups live in ``cache.py``, so a
 new tier (object storage, a cluster-shared store) only implements these four methods.
+
+Two wrappers implement the same interface around any store:
+
+* :class:`GuardedStore` turns the store's ``OSError`` into a miss (or a skipped
+  write) and one warning per store and problem, so a broken cache never costs a run;
+* :class:`KeyedStore` carries the key entries are signed with, so a store resolved in
+  a driver brings the driver's key to workers on other machines.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
-__all__ = ["CacheStore", "LocalCacheStore", "default_cache_store"]
+__all__ = ["CacheStore", "GuardedStore", "KeyedStore", "LocalCacheStore", "default_cache_store"]
+
+log = logging.getLogger("crystallize.cache")
+_T = TypeVar("_T")
 
 CACHE_DIR_ENV = "CRYSTALLIZE_CACHE_DIR"
 
@@ -98,3 +111,130 @@ class LocalCacheStore:
 def default_cache_store() -> LocalCacheStore:
     """The store used when none is given: ``$CRYSTALLIZE_CACHE_DIR`` or ``./.cache``."""
     return LocalCacheStore()
+
+
+class GuardedStore:
+    """A :class:`CacheStore` whose ``OSError`` costs a warning, never a run.
+
+    ``get`` answers ``None`` (a miss), ``put`` and ``delete`` do nothing and
+    ``contains`` answers ``False``; :attr:`failed` turns ``True`` so the caller can
+    record it. Each problem — (store, operation, exception type and errno) — is logged
+    once per process, however many runs and threads meet it.
+
+    Args:
+        store: the store to guard.
+
+    Example:
+        >>> import tempfile
+        >>> root = tempfile.mkdtemp()
+        >>> open(f"{root}/ns", "w").close()  # a file where a directory should be
+        >>> store = GuardedStore(LocalCacheStore(root))
+        >>> store.put("ns", "key", b"blob")  # logs one warning
+        >>> store.get("ns", "key"), store.failed
+        (None, True)
+    """
+
+    def __init__(self, store: CacheStore) -> None:
+        self.store = store
+        #: Whether an operation failed (or was skipped by :meth:`disable`).
+        self.failed = False
+        self._disabled = False
+
+    def get(self, namespace: str, key: str) -> bytes | None:
+        return self._call("get", namespace, key, None, self.store.get)
+
+    def put(self, namespace: str, key: str, blob: bytes) -> None:
+        self._call("put", namespace, key, None, lambda ns, k: self.store.put(ns, k, blob))
+
+    def contains(self, namespace: str, key: str) -> bool:
+        return self._call("contains", namespace, key, False, self.store.contains)
+
+    def delete(self, namespace: str, key: str) -> None:
+        self._call("delete", namespace, key, None, self.store.delete)
+
+    def disable(self, problem: Exception) -> None:
+        """Skip every later operation (failed) after warning once about ``problem``.
+
+        For a problem outside the store that makes it unusable, such as a cache key
+        that cannot be read.
+        """
+        self._disabled = True
+        _warn_once((type(problem).__name__, str(problem)), "%s The runs go on uncached.", problem)
+
+    def where(self, namespace: str, key: str) -> str:
+        """Where the entry lives, for messages: a file path if the store has one."""
+        path = getattr(self.store, "path", None)
+        return str(path(namespace, key)) if callable(path) else f"{namespace}/{key} in {self.store!r}"
+
+    def _call(self, op: str, namespace: str, key: str, default: _T, fn: Callable[[str, str], _T]) -> _T:
+        if self._disabled:
+            self.failed = True
+            return default
+        try:
+            return fn(namespace, key)
+        except OSError as exc:
+            self.failed = True
+            _warn_once(
+                (repr(self.store), op, type(exc).__name__, exc.errno),
+                "Cache store %r could not %s entry %s (%s: %s); the cache steps aside and "
+                "the runs go on (said once per process for this store and problem). Check "
+                "that the cache location is a directory you can write, or choose another "
+                "with $%s or Experiment(cache=...).",
+                self.store, op, self.where(namespace, key), type(exc).__name__, exc, CACHE_DIR_ENV,
+            )
+            return default
+
+    def __repr__(self) -> str:
+        return f"GuardedStore({self.store!r})"
+
+
+class KeyedStore:
+    """A :class:`CacheStore` that carries the key its entries are signed with.
+
+    :func:`crystallize.backend.resolve_cache` wraps the store in one holding the
+    driver's key, so a worker on another machine (another per-user key file) reads and
+    writes entries the driver's machines can verify. The key travels with the pickled
+    experiment: whoever can read that can forge entries.
+
+    Args:
+        store: the store to carry the key with.
+        key: the MAC key (see :mod:`crystallize.signing`).
+
+    Example:
+        >>> import tempfile
+        >>> store = KeyedStore(LocalCacheStore(tempfile.mkdtemp()), b"k" * 32)
+        >>> store.put("step", "input", b"blob")
+        >>> store.get("step", "input")
+        b'blob'
+    """
+
+    def __init__(self, store: CacheStore, key: bytes) -> None:
+        self.store = store
+        self.key = key
+
+    def get(self, namespace: str, key: str) -> bytes | None:
+        return self.store.get(namespace, key)
+
+    def put(self, namespace: str, key: str, blob: bytes) -> None:
+        self.store.put(namespace, key, blob)
+
+    def contains(self, namespace: str, key: str) -> bool:
+        return self.store.contains(namespace, key)
+
+    def delete(self, namespace: str, key: str) -> None:
+        self.store.delete(namespace, key)
+
+    def __repr__(self) -> str:  # never the key
+        return f"KeyedStore({self.store!r})"
+
+
+_warned: set[tuple[Any, ...]] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_once(problem: tuple[Any, ...], message: str, *args: Any) -> None:
+    with _warned_lock:
+        if problem in _warned:
+            return
+        _warned.add(problem)
+    log.warning(message, *args)

@@ -1,0 +1,154 @@
+"""The cache key and the keyed MAC (HMAC-SHA256) that every cache entry is signed with.
+
+An entry is only unpickled once its MAC verifies, so whoever can write the cache
+directory cannot run code in the next process that reads it; only someone who can
+read the key can. The key is, in order:
+
+1. ``$CRYSTALLIZE_CACHE_KEY`` if set and not empty (any string), so a cluster's jobs
+   can share one key through their environment;
+2. else a per-user secret in ``$XDG_CONFIG_HOME/crystallize/cache.key`` (default
+   ``~/.config/crystallize/cache.key``), made with mode 0600 on first use. It lives
+   outside every cache directory on purpose: a key stored beside the entries would
+   be readable by whoever can forge them.
+
+The file holds a text secret and is read exactly as the variable is, so
+``CRYSTALLIZE_CACHE_KEY="$(cat ~/.config/crystallize/cache.key)"`` gives another
+machine this user's key.
+
+Example:
+    >>> key = b"k" * 32
+    >>> mac = sign(b"body", key)
+    >>> verify(mac, b"body", key), verify(mac, b"bodY", key)
+    (True, False)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+from pathlib import Path
+
+from .errors import CrystallizeError
+
+__all__ = ["KEY_ENV", "MAC_SIZE", "CacheKeyError", "cache_key", "key_from_text", "key_path", "sign", "verify"]
+
+log = logging.getLogger("crystallize.cache")
+
+KEY_ENV = "CRYSTALLIZE_CACHE_KEY"
+#: Bytes of MAC in front of every entry body.
+MAC_SIZE = 32
+# SHA-256 rather than blake2b: OpenSSL runs it on the CPU's SHA extensions (x86 SHA-NI,
+# ARMv8), about twice blake2b's speed; see benchmarks/bench_cache.py.
+_DIGEST = "sha256"
+
+_file_keys: dict[Path, bytes] = {}  # a key file is read once per process
+
+
+class CacheKeyError(CrystallizeError):
+    """The per-user cache key file could neither be read nor made."""
+
+
+def key_from_text(text: str) -> bytes:
+    """The MAC key for a secret given as text (the variable's or the file's).
+
+    Tagged, so a secret that is reused elsewhere never yields the same MAC key.
+
+    Example:
+        >>> len(key_from_text("correct horse battery staple"))
+        32
+    """
+    return hashlib.sha256(b"crystallize cache key\x00" + text.encode("utf-8")).digest()
+
+
+def key_path() -> Path:
+    """Where this user's key file lives (it need not exist yet)."""
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(config, "crystallize", "cache.key").absolute()
+
+
+def cache_key() -> bytes:
+    """This process's cache key: ``$CRYSTALLIZE_CACHE_KEY``, else the key file's.
+
+    Returns:
+        32 bytes to sign and verify entries with.
+
+    Raises:
+        CacheKeyError: the key file could not be read or made (the message names it
+            and the fix); the ``OSError`` is ``__cause__``.
+    """
+    text = os.environ.get(KEY_ENV)
+    if text:
+        return key_from_text(text)
+    path = key_path()
+    key = _file_keys.get(path)
+    if key is None:
+        # No lock needed: racing threads read (or publish) the same file, so they
+        # store the same key.
+        key = _file_keys.setdefault(path, _load_or_create(path))
+    return key
+
+
+def sign(body: bytes | memoryview, key: bytes) -> bytes:
+    """The MAC of ``body`` under ``key`` (:data:`MAC_SIZE` bytes)."""
+    return hmac.digest(key, body, _DIGEST)
+
+
+def verify(mac: bytes | memoryview, body: bytes | memoryview, key: bytes) -> bool:
+    """Whether ``mac`` is ``body``'s MAC under ``key``, compared in constant time."""
+    return hmac.compare_digest(hmac.digest(key, body, _DIGEST), bytes(mac))
+
+
+def _load_or_create(path: Path) -> bytes:
+    try:
+        try:
+            text = path.read_text("utf-8")
+        except FileNotFoundError:
+            text = _create(path)
+        _warn_if_shared(path)
+    except OSError as exc:
+        raise CacheKeyError(
+            f"The cache key file {path} could not be read or created ({exc}); the step "
+            f"cache is off. Fix its permissions, point XDG_CONFIG_HOME elsewhere, or set "
+            f"{KEY_ENV}."
+        ) from exc
+    if not text.strip():
+        raise CacheKeyError(
+            f"The cache key file {path} is empty; the step cache is off. Delete it (a new "
+            f"key is made) or set {KEY_ENV}."
+        )
+    return key_from_text(text.strip())
+
+
+def _create(path: Path) -> str:
+    """Publish a new key file, or read the one another process published first.
+
+    The secret is written whole to a private temporary file and then hard-linked into
+    place: ``link`` fails if the name exists, so racing processes agree on one key and
+    no reader ever sees a half-written file.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(secrets.token_hex(32) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process won; everyone uses its key
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.read_text("utf-8")
+
+
+def _warn_if_shared(path: Path) -> None:
+    if os.stat(path).st_mode & 0o077:
+        log.warning(
+            "The cache key file %s is readable by other users, who could forge cache "
+            "entries that run code when loaded. Run: chmod 600 %s", path, path,
+        )
