@@ -136,8 +136,15 @@ class Artifact:
             empty, ``.`` or NUL-holding part.
 
     Example:
+        >>> from crystallize import Experiment, pipeline_step
         >>> report = Artifact("report.txt")
-        >>> # inside a step: report.write("accuracy=0.93")
+        >>> @pipeline_step()
+        ... def summarize(data):
+        ...     report.write(f"total={sum(data)}")
+        ...     return data
+        >>> result = Experiment(lambda ctx: [1, 2], [summarize()]).run()
+        >>> result.artifacts
+        [(0, 'baseline', ArtifactRecord(name='report.txt', data=b'total=3'))]
     """
 
     def __init__(self, name: str) -> None:
@@ -212,8 +219,14 @@ class ArtifactPlugin(BasePlugin):
             ArtifactError: no run has started yet, or ``name`` is unsafe.
 
         Example:
-            >>> # plugin.path_for(0, "lr=0.1", "plots/loss.csv")
-            >>> #   -> <run_dir>/lr%3D0.1/replicate_0/plots/loss.csv
+            >>> import tempfile
+            >>> from crystallize import Experiment, Treatment, pipeline_step
+            >>> exp = Experiment(lambda ctx: 0, [pipeline_step()(lambda data: data)()],
+            ...                  name="sweep", treatments=[Treatment("lr=0.1", {"lr": 0.1})])
+            >>> plugin = ArtifactPlugin(root_dir=tempfile.mkdtemp())
+            >>> plugin.before_run(exp)  # run() does this
+            >>> plugin.path_for(0, "lr=0.1", "plots/loss.csv").relative_to(plugin.root_dir).as_posix()
+            'sweep/v0/lr%3D0.1/replicate_0/plots/loss.csv'
         """
         return self._root.joinpath(*self._parts(replicate, condition, name))
 

@@ -27,16 +27,21 @@ The pieces, in the order a backend uses them::
                               shipping (workers may run in another directory)
 
 Example:
-    A backend that runs each run twice and keeps the second result::
+    A backend that runs each run twice and keeps the second result:
 
-        from crystallize.backend import ExecutionBackend, steps_set_up
-
-        class Twice(ExecutionBackend):
-            def execute(self, experiment, plan):
-                with steps_set_up(experiment) as host:
-                    for spec in plan:
-                        host.run(spec.replicate, spec.condition)
-                        yield host.run(spec.replicate, spec.condition)
+    >>> from crystallize import Experiment, pipeline_step
+    >>> from crystallize.backend import ExecutionBackend, steps_set_up
+    >>> class Twice(ExecutionBackend):
+    ...     def execute(self, experiment, plan):
+    ...         with steps_set_up(experiment) as host:
+    ...             for spec in plan:
+    ...                 host.run(spec.replicate, spec.condition)
+    ...                 yield host.run(spec.replicate, spec.condition)
+    >>> @pipeline_step()
+    ... def one(data):
+    ...     return data, {"x": 1}
+    >>> Experiment(lambda ctx: 0, [one()], plugins=[Twice()]).run(replicates=3).metrics.baseline.metrics
+    {'x': [1, 1, 1]}
 """
 
 from __future__ import annotations

@@ -57,9 +57,15 @@ class Experiment:
             ``$CRYSTALLIZE_CACHE_DIR``; ``False``: no caching).
 
     Example:
-        >>> exp = Experiment(datasource=lambda ctx: [1, 2, 3],
-        ...                  pipeline=Pipeline([...]))           # doctest: +SKIP
-        >>> exp.run(replicates=3).metrics.baseline.metrics       # doctest: +SKIP
+        >>> from crystallize import pipeline_step
+        >>> @pipeline_step()
+        ... def total(data, *, scale=1):
+        ...     return data, {"total": sum(data) * scale}
+        >>> exp = Experiment(datasource=lambda ctx: [1, 2, 3], pipeline=[total()],
+        ...                  treatments=[Treatment("double", {"scale": 2})])
+        >>> result = exp.run(replicates=2)
+        >>> result.metrics.baseline.metrics, result.metrics.treatments["double"].metrics
+        ({'total': [6, 6]}, {'total': [12, 12]})
     """
 
     def __init__(

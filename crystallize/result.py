@@ -110,8 +110,16 @@ class Result:
         provenance: experiment-level facts (name, replicates, backend, seed, timing).
 
     Example:
-        >>> # result.metrics.baseline.metrics["accuracy"] -> [0.91, 0.93, ...]
-        >>> # result.run(2, "treatment_a").seed           -> pairs with baseline's run 2
+        >>> from crystallize import Experiment, SeedPlugin, Treatment, pipeline_step
+        >>> @pipeline_step()
+        ... def noisy(data, ctx, *, shift=0.0):
+        ...     return data, {"score": round(ctx["rng"].random() + shift, 3)}
+        >>> result = Experiment(lambda ctx: None, [noisy()], plugins=[SeedPlugin(seed=1)],
+        ...                     treatments=[Treatment("shifted", {"shift": 1.0})]).run(replicates=3)
+        >>> len(result.metrics.baseline.metrics["score"]), result.errors
+        (3, [])
+        >>> result.run(2, "shifted").seed == result.run(2).seed  # replicate 2 pairs up
+        True
     """
 
     def __init__(

@@ -77,10 +77,14 @@ class RayExecution(ExecutionBackend):
         ImportError: Ray is not installed (the message gives the pip command).
 
     Example:
-        >>> from crystallize import Experiment
-        >>> exp = Experiment(datasource=lambda ctx: [1, 2, 3], pipeline=...,  # doctest: +SKIP
-        ...                  plugins=[RayExecution(num_cpus=1)])
-        >>> exp.run(replicates=100)                                          # doctest: +SKIP
+        >>> from crystallize import Experiment, pipeline_step
+        >>> @pipeline_step()
+        ... def square(data):
+        ...     return data, {"square": data * data}
+        >>> exp = Experiment(datasource=lambda ctx: ctx["replicate"], pipeline=[square()],
+        ...                  plugins=[RayExecution(num_cpus=1)])  # doctest: +SKIP
+        >>> exp.run(replicates=100).metrics.baseline.metrics["square"][:4]  # doctest: +SKIP
+        [0, 1, 4, 9]
     """
 
     ships_experiment = True
