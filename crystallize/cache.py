@@ -38,9 +38,9 @@ __all__ = ["CacheEntry", "StepCache", "decode_entry", "encode_entry", "read_dige
 
 log = logging.getLogger("crystallize.cache")
 
-# The last byte is the frame version: 2 added the MAC, so version-1 entries (an
-# unkeyed checksum) are misses and get rewritten signed.
-MAGIC = b"CRYSTALLIZE-ENTRY\x02"
+# The last byte is the frame version: 2 added a MAC (HMAC-SHA256), 3 made it GMAC;
+# entries of older frames are misses and get rewritten.
+MAGIC = b"CRYSTALLIZE-ENTRY\x03"
 _ABSENT = "<absent>"
 
 
@@ -160,7 +160,7 @@ class StepCache:
                 # Without a key nothing can be verified: the store is skipped, and the
                 # throwaway key below only signs blobs that are never written.
                 self.store.disable(exc)
-                key = os.urandom(MAC_SIZE)
+                key = os.urandom(32)
         self.key = key
 
     @property
