@@ -29,6 +29,8 @@ from .progress import Progress
 from .result import Result, RunResult
 from .runner import RunSpec
 from .stores import CacheStore, LocalCacheStore
+from .sysinfo import environment_facts, utc_iso
+from .table import treatment_params
 from .treatments import BASELINE, Treatment, unknown_keys, unread_keys
 
 __all__ = ["Experiment"]
@@ -270,17 +272,23 @@ class Experiment:
 
     def _finish(self, collected: list[RunResult], started: float, *, evaluate: bool = True) -> Result:
         seed_plugin = next((p for p in self.plugins if hasattr(p, "base_seed")), None)
+        ended = time.time()
         provenance = {
             "name": self.name,
             "replicates": self.replicates,
             "conditions": self.conditions,
             "backend": type(self.backend).__name__,
             "seed": getattr(seed_plugin, "base_seed", None),
-            "started": started,
-            "seconds": time.time() - started,
+            "started": utc_iso(started),
+            "ended": utc_iso(ended),
+            "seconds": ended - started,
             "complete": evaluate,
         }
-        result = Result(collected, self.conditions, provenance=provenance)
+        # Once per run(), in the driver; each fact is best effort and never costs the result.
+        code = [*self.pipeline.steps, self.datasource, *(getattr(h.verifier, "fn", h.verifier) for h in self.hypotheses)]
+        provenance.update(environment_facts(code))
+        result = Result(collected, self.conditions, provenance=provenance,
+                        treatment_params=treatment_params(self.treatments, self.initial_ctx, BASELINE))
         if result.errors:
             log.warning("Experiment %r: %d of %d runs failed; the others finished. First: %s. "
                         "See result.errors for every failure with its traceback.",

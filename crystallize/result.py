@@ -2,83 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import numbers
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .hypotheses import HypothesisResult
+from .plotting import plot_result
+from .run_result import ArtifactRecord, RunError, RunResult
+from .saving import load_parts, save_parts
+from .table import COLUMNS, columns_of, rows
 from .treatments import BASELINE
 
 __all__ = ["ArtifactRecord", "ExperimentMetrics", "Result", "RunError", "RunResult", "TreatmentMetrics"]
-
-
-@dataclass(frozen=True)
-class ArtifactRecord:
-    """Bytes a step wrote with ``Artifact(name).write(...)``, carried to the driver."""
-
-    name: str
-    data: bytes
-
-
-@dataclass(frozen=True)
-class RunError:
-    """Why one run failed.
-
-    Attributes:
-        replicate: the run's replicate number.
-        condition: ``"baseline"`` or the treatment name.
-        step: where it failed: a step name, ``"datasource"``, ``"treatment"``,
-            ``"plugin <Name>.<hook>"``, ``"worker"`` (the process running it died) or
-            ``"result"`` (its result could not be sent back from a worker process).
-        type: the exception's class name.
-        message: the exception's message.
-        traceback: the formatted traceback, as text.
-    """
-
-    replicate: int
-    condition: str
-    step: str
-    type: str
-    message: str
-    traceback: str = ""
-
-    def __str__(self) -> str:
-        return (
-            f"replicate {self.replicate}, condition {self.condition!r}, at {self.step}: "
-            f"{self.type}: {self.message}"
-        )
-
-
-@dataclass
-class RunResult:
-    """Everything one (replicate, condition) run produced; small and picklable.
-
-    Attributes:
-        replicate, condition: which run this is.
-        metrics: metric name -> values the run recorded, in order.
-        seed: the run's seed when a SeedPlugin is used.
-        provenance: one StepRecord per step that ran.
-        artifacts: artifacts the run wrote, for the driver to save.
-        error: why the run failed, or ``None``.
-        seconds: wall time of the run.
-        attempts: how many times a backend started it (retries after lost workers).
-        artifact_errors: one message per artifact the driver could not save.
-    """
-
-    replicate: int
-    condition: str
-    metrics: dict[str, list[Any]] = field(default_factory=dict)
-    seed: int | None = None
-    provenance: list[Any] = field(default_factory=list)
-    artifacts: list[ArtifactRecord] = field(default_factory=list)
-    error: RunError | None = None
-    seconds: float = 0.0
-    attempts: int = 1
-    artifact_errors: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
 
 @dataclass
@@ -107,7 +45,15 @@ class Result:
         metrics: per-condition metric lists and hypothesis results.
         errors: one :class:`RunError` per failed run (and none for the others).
         runs: every run's :class:`RunResult`, sorted by condition then replicate.
-        provenance: experiment-level facts (name, replicates, backend, seed, timing).
+        conditions: ``"baseline"`` and the treatment names, in the experiment's order.
+        provenance: where the result came from: name, replicates, conditions, backend,
+            seed, ``started``/``ended`` (ISO 8601 UTC), ``seconds``, ``complete``,
+            ``host``, ``platform``, ``versions`` (python, crystallize, numpy, ray),
+            ``packages`` (the installed distributions the experiment's code imports),
+            ``git`` (``commit``, ``dirty``, ``root`` of the source tree, when in one).
+        treatment_params: condition -> its value of each key a mapping treatment sets
+            (the baseline's from ``initial_ctx``); the parameter columns of
+            :meth:`to_dataframe`.
 
     Example:
         >>> from crystallize import Experiment, SeedPlugin, Treatment, pipeline_step
@@ -120,6 +66,8 @@ class Result:
         (3, [])
         >>> result.run(2, "shifted").seed == result.run(2).seed  # replicate 2 pairs up
         True
+        >>> result.treatment_params, result.provenance["complete"]
+        ({'baseline': {'shift': None}, 'shifted': {'shift': 1.0}}, True)
     """
 
     def __init__(
@@ -128,11 +76,14 @@ class Result:
         conditions: list[str],
         hypotheses: list[HypothesisResult] | None = None,
         provenance: dict[str, Any] | None = None,
+        treatment_params: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         order = {name: i for i, name in enumerate(conditions)}
         self.runs: list[RunResult] = sorted(runs, key=lambda r: (order.get(r.condition, len(order)), r.replicate))
         self.conditions = list(conditions)
         self.provenance: dict[str, Any] = dict(provenance or {})
+        self.treatment_params: dict[str, dict[str, Any]] = {
+            c: dict(values) for c, values in (treatment_params or {}).items()}
         self._index = {(r.replicate, r.condition): r for r in self.runs}
         per_condition = {name: TreatmentMetrics() for name in conditions}
         for run in self.runs:
@@ -164,33 +115,105 @@ class Result:
         return next((h for h in self.metrics.hypotheses if h.name == name), None)
 
     def to_dataframe(self) -> Any:
-        """One row per (run, metric value); needs pandas (``pip install pandas``)."""
+        """One row per (run, metric value), with each condition's treatment parameters.
+
+        Columns: ``replicate, condition, seed, metric, index, value, error``, then one
+        per key a mapping treatment sets (see :mod:`crystallize.table`), so "accuracy
+        against C" is ``df[df.metric == "accuracy"].groupby("C")["value"].mean()``.
+        A run without metrics (e.g. a failed one) has one row with an empty metric.
+
+        Returns:
+            A ``pandas.DataFrame``.
+
+        Raises:
+            ImportError: pandas is missing (``pip install 'crystallize-lab[parquet]'``).
+        """
         try:
-            import pandas
+            import pandas  # type: ignore[import-untyped]
         except ImportError as exc:
             raise ImportError(
-                "Result.to_dataframe() needs pandas: pip install pandas"
+                "Result.to_dataframe() needs pandas: pip install 'crystallize-lab[parquet]' (or pandas)"
             ) from exc
-        rows = []
-        for run in self.runs:
-            base = {"replicate": run.replicate, "condition": run.condition, "seed": run.seed,
-                    "error": None if run.error is None else str(run.error)}
-            if not run.metrics:
-                rows.append({**base, "metric": None, "index": None, "value": None})
-            for metric, values in run.metrics.items():
-                for i, value in enumerate(values):
-                    rows.append({**base, "metric": metric, "index": i, "value": value})
-        return pandas.DataFrame(rows, columns=["replicate", "condition", "seed", "metric", "index", "value", "error"])
+        columns = [*COLUMNS, *(column for column, _ in columns_of(self.treatment_params))]
+        return pandas.DataFrame(rows(self.runs, self.treatment_params), columns=columns)
+
+    def save(self, folder: str | os.PathLike[str], *, table: str = "auto") -> Path:
+        """Save this result as a folder that :meth:`load` turns back into an equal Result.
+
+        The folder holds ``result.json`` and ``runs.jsonl`` (every field, in the record
+        format of :mod:`crystallize.records`) and ``runs.parquet`` or ``runs.csv`` (the
+        :meth:`to_dataframe` table, to open with pandas, polars, DuckDB or a
+        spreadsheet). It is written under a temporary name and renamed into place, so
+        a crash never leaves half a saved result. Values that are not JSON data (a
+        model object, a ``datetime``) are stored as their ``repr`` and load back as
+        strings; a warning lists them. Nothing is pickled.
+
+        Args:
+            folder: the folder to write; an earlier saved result there is replaced.
+            table: ``"auto"`` (Parquet when pandas and pyarrow are installed, else
+                CSV), ``"parquet"`` or ``"csv"``.
+
+        Returns:
+            The folder's absolute path.
+
+        Raises:
+            FileExistsError: ``folder`` holds other files; nothing is replaced.
+            ImportError: ``table="parquet"`` without ``pip install 'crystallize-lab[parquet]'``.
+
+        Example:
+            >>> import tempfile
+            >>> result = Result([RunResult(0, "baseline", {"x": [1.5]})], ["baseline"])
+            >>> folder = result.save(tempfile.mkdtemp() + "/saved")
+            >>> Result.load(folder).metrics.baseline.metrics
+            {'x': [1.5]}
+        """
+        return save_parts(folder, runs=self.runs, conditions=self.conditions,
+                          hypotheses=self.metrics.hypotheses, provenance=self.provenance,
+                          treatment_params=self.treatment_params, table=table)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike[str]) -> Result:
+        """The Result that :meth:`save` wrote to ``folder``, equal in every field.
+
+        Raises:
+            RecordError: (a ``ValueError``) nothing saved there, or its files are
+                damaged, or written by a newer crystallize.
+        """
+        parts = load_parts(folder)
+        return cls(parts["runs"], parts["conditions"], hypotheses=parts["hypotheses"],
+                   provenance=parts["provenance"], treatment_params=parts["treatment_params"])
+
+    def plot(self, metric: str | None = None, path: str | os.PathLike[str] | None = None) -> Any:
+        """Each metric's distribution per condition; hypotheses' verdicts in the title.
+
+        One box plot (with the runs' values as points) per numeric metric; metrics
+        that are not numbers are skipped with a note on the figure. Needs matplotlib.
+
+        Args:
+            metric: the one metric to draw; ``None`` draws every numeric metric.
+            path: when given, the figure is saved there (format from the suffix).
+
+        Returns:
+            The ``matplotlib.figure.Figure``.
+
+        Raises:
+            ImportError: matplotlib is missing (``pip install 'crystallize-lab[plot]'``).
+            ValueError: ``metric`` is unknown or not numeric, or no metric is numeric.
+        """
+        return plot_result(self, metric=metric, path=path)
 
     def summary(self) -> str:
         """A plain-text table: per condition and metric, n, mean and spread; then errors."""
         lines = [f"Experiment {self.provenance.get('name') or ''}".rstrip()
                  + f": {len(self.runs)} runs, {len(self.errors)} failed"]
+        origin = _origin(self.provenance)
+        if origin:
+            lines.append(origin)
         rows = [("condition", "metric", "n", "mean", "min", "max")]
         conditions = [(BASELINE, self.metrics.baseline)] + list(self.metrics.treatments.items())
         for cname, tm in conditions:
             for metric, values in tm.metrics.items():
-                nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+                nums = [float(v) for v in values if isinstance(v, numbers.Real) and not isinstance(v, bool)]
                 if nums:
                     rows.append((cname, metric, str(len(values)), f"{sum(nums) / len(nums):.4g}",
                                  f"{min(nums):.4g}", f"{max(nums):.4g}"))
@@ -204,11 +227,10 @@ class Result:
         for h in self.metrics.hypotheses:
             lines.append(f"Hypothesis {h.name!r} on {h.metrics}: ranking {h.ranking or '-'}")
             for tname, res in h.results.items():
-                lines.append(f"  {tname}: {res}")
-            for tname, err in h.errors.items():
-                lines.append(f"  {tname}: ERROR {err.splitlines()[0]}")
-        for err in self.errors:
-            lines.append(f"FAILED {err}")
+                lines.append(f"  {tname}: {_brief(res)}")
+            for tname, text in h.errors.items():
+                lines.append(f"  {tname}: ERROR {text.splitlines()[0]}")
+        lines.extend(f"FAILED {err}" for err in self.errors)
         lines.extend(f"ARTIFACT NOT WRITTEN {m}" for r in self.runs for m in r.artifact_errors)
         return "\n".join(lines)
 
@@ -217,3 +239,32 @@ class Result:
 
     def __repr__(self) -> str:
         return f"<Result {len(self.runs)} runs, {len(self.errors)} errors, conditions={self.conditions}>"
+
+
+def _brief(values: Mapping[str, Any]) -> str:
+    """A verifier's answer as ``key=value`` pairs, numbers to 4 significant digits."""
+    out = []
+    for key, value in values.items():
+        if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():  # a numpy scalar
+            value = value.item()
+        if isinstance(value, float):
+            out.append(f"{key}={value:.4g}")
+        else:
+            out.append(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
+    return ", ".join(out) or "-"
+
+
+def _origin(provenance: Mapping[str, Any]) -> str:
+    """One line: when, where and from which commit, from what provenance holds."""
+    parts = []
+    if provenance.get("started"):
+        took = provenance.get("seconds")
+        parts.append(f"started {provenance['started']}" + (f" ({took:.3g} s)" if isinstance(took, (int, float)) else ""))
+    if provenance.get("host"):
+        parts.append(f"on {provenance['host']}")
+    line = " ".join(parts)
+    git = provenance.get("git")
+    if isinstance(git, Mapping) and git.get("commit"):
+        dirty = {True: " with uncommitted changes", None: " (status unknown)"}.get(git.get("dirty"), "")
+        line += ("; " if line else "") + f"git {str(git['commit'])[:12]}{dirty}"
+    return f"Provenance: {line}" if line else ""

@@ -396,7 +396,10 @@ def test_result_to_dataframe():
     pandas = pytest.importorskip("pandas")
     df = _grid_experiment().run().to_dataframe()
     assert isinstance(df, pandas.DataFrame)
-    assert list(df.columns) == ["replicate", "condition", "seed", "metric", "index", "value", "error"]
+    # the treatment's parameter (offset) is a column: baseline rows hold None (no initial_ctx value)
+    assert list(df.columns) == ["replicate", "condition", "seed", "metric", "index", "value", "error", "offset"]
+    assert sorted(set(df[df["condition"] == "treat"]["offset"])) == [1]
+    assert df[df["condition"] == "baseline"]["offset"].isna().all()
     assert len(df) == 6
     ok = df[df["error"].isna()]
     assert sorted(ok[ok["condition"] == "treat"]["value"]) == [1, 21]
