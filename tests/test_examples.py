@@ -18,3 +18,14 @@ def test_spec_page_example_prints_the_sums(tmp_path):
     assert "{'sum': [9.0, 9.0, 9.0]}" in proc.stdout
     # its cacheable step wrote the cache where it ran, not into the repository
     assert (tmp_path / ".cache").is_dir()
+
+
+def test_the_readme_picture_is_drawn_from_a_script_in_another_directory(tmp_path):
+    out = tmp_path / "sweep.png"
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "plot_sweep.py"), str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "48 runs, 0 failed" in proc.stdout
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
