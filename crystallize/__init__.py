@@ -19,6 +19,7 @@ from .errors import (
     SerializationError,
     StepError,
     UnknownParameterError,
+    UnusedTreatmentKeyWarning,
     ValidationError,
     WorkerCrashedError,
 )
@@ -92,6 +93,7 @@ __all__ = [
     "TreatmentMetrics",
     "UnhashableValueError",
     "UnknownParameterError",
+    "UnusedTreatmentKeyWarning",
     "ValidationError",
     "Verifier",
     "WorkerCrashedError",

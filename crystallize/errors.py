@@ -15,10 +15,9 @@
     ├── UnhashableValueError      (also a TypeError; in hashing.py) no canonical digest
     ├── ValidationError           an experiment is structurally wrong
     ├── WorkerCrashedError        the process running a run died (recorded, not raised)
-    └── ArtifactError             an artifact name is unsafe or cannot be written
-
-    UserWarning
-    └── UnusedTreatmentKeyWarning a treatment sets a key that nothing seems to read
+    ├── ArtifactError             an artifact name is unsafe or cannot be written
+    └── UnusedTreatmentKeyWarning (also a UserWarning; issued, never raised) a
+                                  treatment key nothing seems to read
 
 Every message says what went wrong, where (step, replicate, condition when known)
 and what to do about it.
@@ -151,7 +150,7 @@ class ArtifactError(CrystallizeError):
     """An artifact name would escape the artifact root, or writing it failed."""
 
 
-class UnusedTreatmentKeyWarning(UserWarning):
+class UnusedTreatmentKeyWarning(CrystallizeError, UserWarning):
     """A treatment sets a context key that nothing seems to read.
 
     Issued by ``validate()`` and ``run()`` before any run starts when no step or

@@ -54,6 +54,7 @@ PUBLIC = [
     "TreatmentMetrics",
     "UnhashableValueError",
     "UnknownParameterError",
+    "UnusedTreatmentKeyWarning",
     "ValidationError",
     "Verifier",
     "WorkerCrashedError",
