@@ -17,6 +17,11 @@ Measures, each as the best of ``--repeat`` timings:
 5. Signing and verifying an entry body, in µs per MB, beside keyed blake2b (the
    other stdlib MAC) and the unkeyed xxh3 checksum entries carried before they were
    signed, each also as a share of the 1 MB numpy cache hit measured in 3.
+6. What keying a cacheable step on a small input costs, per step, with randomness
+   capture (the generators' states keyed at entry and restored on a hit) beside the
+   same pipeline with capture turned off: a hit and a miss for a step that draws
+   nothing, and for one that draws from numpy's global generator and ``ctx["rng"]``;
+   plus the capture-and-compare itself, done once per executed cacheable step.
 
 The cache lives in a temporary directory that is removed at the end.
 """
@@ -34,6 +39,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import xxhash
@@ -218,6 +224,95 @@ def bench_signing(repeat: int, hit_seconds: float) -> None:
     )
 
 
+# -- 6. randomness capture ------------------------------------------------------------
+
+
+@pipeline_step(cacheable=True)
+def draws_nothing(data):
+    return data + 1
+
+
+@pipeline_step(cacheable=True)
+def draws_numbers(data, ctx):
+    return data + float(np.random.random()) + ctx["rng"].random()
+
+
+class MemoryStore:
+    """A real in-memory :class:`~crystallize.CacheStore`, so disk I/O does not hide CPU costs."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[tuple[str, str], bytes] = {}
+
+    def get(self, namespace: str, key: str) -> bytes | None:
+        return self.blobs.get((namespace, key))
+
+    def put(self, namespace: str, key: str, blob: bytes) -> None:
+        self.blobs[namespace, key] = blob
+
+    def contains(self, namespace: str, key: str) -> bool:
+        return (namespace, key) in self.blobs
+
+    def delete(self, namespace: str, key: str) -> None:
+        self.blobs.pop((namespace, key), None)
+
+
+def bench_randomness(repeat: int) -> None:
+    import crystallize.pipeline as pipeline_module
+    from crystallize.randomness import capture, consumed
+
+    def context() -> FrozenContext:
+        np.random.seed(0)  # every call finds the generators in the same state
+        return FrozenContext({"rng": random.Random(1), "numpy_rng": np.random.default_rng(1)})
+
+    real_capture = pipeline_module.capture
+    loops = 200
+    fresh = iter(range(10**9))  # a new input, so a new key, for every miss
+
+    def timed(capturing: bool, step: Any, kind: str, store: MemoryStore) -> float:
+        pipeline = Pipeline([step])
+        pipeline_module.capture = real_capture if capturing else (lambda ctx: [])
+        try:
+            if kind == "hit":
+                calls = [lambda: pipeline.run(7, context(), cache=store)] * loops
+            elif kind == "miss":
+                calls = [lambda: pipeline.run(next(fresh), context(), cache=store)] * loops
+            else:
+                calls = [lambda: pipeline.run(7, context(), cache=False)] * loops
+            start = time.perf_counter()
+            for call in calls:
+                call()
+            return (time.perf_counter() - start) / loops
+        finally:
+            pipeline_module.capture = real_capture
+
+    rows = []
+    for label, step in (("draws nothing", draws_nothing), ("draws numbers", draws_numbers)):
+        stores = {True: MemoryStore(), False: MemoryStore()}
+        for capturing, store in stores.items():
+            timed(capturing, step, "hit", store)  # store the entry the hits replay
+        best: dict[tuple[str, bool], float] = {}
+        for _ in range(repeat):  # on and off alternate, so drifting load hits both alike
+            for kind in ("hit", "miss", "off"):
+                for capturing in (True, False):
+                    seconds = timed(capturing, step, kind, stores[capturing])
+                    best[kind, capturing] = min(best.get((kind, capturing), float("inf")), seconds)
+        for kind in ("hit", "miss"):
+            on, without, off = best[kind, True], best[kind, False], best["off", True]
+            rows.append([f"{label}, {kind}", f"{on * 1e6:.0f}", f"{without * 1e6:.0f}",
+                         f"{(on - without) * 1e6:+.0f}", f"{on / without:.2f}x",
+                         f"{(on - off) * 1e6:.0f}"])
+    ctx = context()
+    capture_only = best_of(repeat, lambda: [consumed(capture(ctx)) for _ in range(loops)]) / loops
+    rows.append(["capture + compare alone (random, numpy, 2 ctx generators)",
+                 f"{capture_only * 1e6:.0f}", "-", "-", "-", "-"])
+    table(
+        "6. Keying a cacheable step on a small input, with and without randomness capture "
+        "(µs per Pipeline.run of one step, in-memory store)",
+        ["step", "capture on", "capture off", "difference", "on vs off", "on, minus cache off"],
+        rows,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
@@ -234,6 +329,7 @@ def main() -> None:
         hit = bench_hits(args.repeat, cache_root)
         bench_cold_warm(args.repeat, cache_root)
         bench_signing(args.repeat, hit)
+        bench_randomness(args.repeat)
     finally:
         shutil.rmtree(cache_root, ignore_errors=True)
 

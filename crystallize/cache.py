@@ -1,16 +1,25 @@
 """The step cache: entry framing, checksums, lookups that check ctx reads, and replay.
 
 An entry holds a step's output *and* what the step did to its context (metrics,
-added keys, artifacts), plus the digest of every ctx value the step read. A lookup
-only hits when those values are unchanged in the current context, so a treatment
-that changes a value a step read can never be served another condition's output.
+added keys, artifacts, the state it left its random generators in), plus the digest
+of every ctx value the step read and of every generator's state it drew from (see
+:mod:`crystallize.randomness`). A lookup only hits when those are unchanged in the
+current context, so a treatment that changes a value a step read can never be served
+another condition's output.
 
 Where entries go, for a step hash ``S`` and an input hash ``I``:
 
 * ``S/I`` (the primary entry), written by the first run that stores ``(S, I)``;
-* ``S/I.<reads-digest>`` (a variant), for runs whose ctx reads differ from the
-  primary's. The variant's name is derived from the primary's read keys and the
-  current values, so a lookup costs at most two reads.
+* ``S/I.<reads-digest>`` (a variant), for runs whose reads differ from the
+  primary's. Its name is the digest of the read keys *and* values, so a lookup that
+  knows which keys to read finds it directly;
+* ``S/I.reads`` (the index), the other sets of keys variants were made with, for a
+  step whose reads depend on what it read (``alpha`` in one branch, ``beta`` in the
+  other). It changes only when a new set appears; past :data:`MAX_KEY_SETS` sets,
+  runs with yet other reads are not cached (no eviction, so no thrashing).
+
+A hit on the primary costs one store read; on a variant with the primary's keys,
+two; on one with other keys, three plus one per set tried before it.
 
 Blobs are ``MAGIC | MAC(body) | body``, the MAC keyed with this user's (or the
 driver's) cache key (see :mod:`crystallize.signing`). A body is unpickled only after
@@ -29,8 +38,9 @@ from typing import Any
 
 import cloudpickle
 
-from .context import _MISSING, FrozenContext, _Unhashable
+from .context import _KEYS_READ, _MISSING, FrozenContext, _Unhashable
 from .hashing import hash_struct, hash_value
+from .randomness import PREFIX, source_name
 from .signing import MAC_SIZE, CacheKeyError, cache_key, sign, verify
 from .stores import CacheStore, GuardedStore, KeyedStore
 
@@ -42,6 +52,9 @@ log = logging.getLogger("crystallize.cache")
 # entries of older frames are misses and get rewritten.
 MAGIC = b"CRYSTALLIZE-ENTRY\x03"
 _ABSENT = "<absent>"
+_INDEX = ".reads"
+#: The most sets of read keys one (step, input) keeps variants for.
+MAX_KEY_SETS = 8
 
 
 class CorruptEntryError(ValueError):
@@ -58,13 +71,16 @@ class CacheEntry:
         added: ``(key, value)`` pairs the step added to the context.
         reads: ctx key -> digest of the value the step saw (``<absent>`` if missing).
         artifacts: artifacts the step wrote, replayed on a hit.
+        random_after: randomness pseudo-read key -> the generator's state after the
+            step, restored on a hit (see :mod:`crystallize.randomness`).
     """
 
     output: Any
     metrics: list[tuple[str, Any]] = field(default_factory=list)
     added: list[tuple[str, Any]] = field(default_factory=list)
-    reads: dict[str, str] = field(default_factory=dict)
+    reads: dict[Any, str] = field(default_factory=dict)
     artifacts: list[Any] = field(default_factory=list)
+    random_after: dict[Any, Any] = field(default_factory=dict)
 
 
 def encode_entry(entry: CacheEntry, key: bytes | None = None) -> bytes:
@@ -176,21 +192,38 @@ class StepCache:
     def failed(self, value: bool) -> None:
         self.store.failed = value
 
-
     def lookup(self, step_hash: str, input_hash: str, ctx: FrozenContext) -> CacheEntry | None:
         """The entry whose recorded reads match ``ctx``, or ``None`` (a miss)."""
+        return self.find(step_hash, input_hash, ctx)[0]
+
+    def find(self, step_hash: str, input_hash: str, ctx: FrozenContext) -> tuple[CacheEntry | None, str | None]:
+        """``(entry, None)`` on a hit; on a miss ``(None, why)``.
+
+        ``why`` says which reads differ from the primary entry's (``"ctx read
+        changed: alpha"``, ``"randomness changed: numpy"``), or is ``None`` when no
+        entry exists for ``(step_hash, input_hash)`` at all.
+        """
         primary = self._load(step_hash, input_hash)
         if primary is None:
-            return None
-        if self._matches(primary, ctx):
-            return primary
-        variant_key = self._variant_key(input_hash, primary.reads.keys(), ctx)
-        if variant_key is None:
-            return None
-        variant = self._load(step_hash, variant_key)
-        if variant is not None and self._matches(variant, ctx):
-            return variant
-        return None
+            return None, None
+        now = _CurrentReads(ctx)
+        current = now.digests(primary.reads)
+        if current == primary.reads:
+            return primary, None
+        tried = {frozenset(primary.reads)}
+        if current is not None:
+            found = self._variant(step_hash, input_hash, current)
+            if found is not None:
+                return found, None
+        for keys in self._key_sets(step_hash, input_hash):
+            if keys in tried:
+                continue
+            tried.add(keys)
+            candidate = now.digests(keys)
+            found = None if candidate is None else self._variant(step_hash, input_hash, candidate)
+            if found is not None:
+                return found, None
+        return None, now.changed(primary.reads)
 
     def save(self, step_hash: str, input_hash: str, entry: CacheEntry) -> bool:
         """Store ``entry``; returns False (and logs why) if it cannot be stored."""
@@ -202,14 +235,52 @@ class StepCache:
                 "cached and the run goes on.", type(exc).__name__, exc,
             )
             return False
-        key = input_hash
-        # A variant only when the primary was made from other ctx values; a primary
-        # with the same reads (another process stored it meanwhile) is replaced, so
+        # A variant only when the primary was made from other reads; a primary with
+        # the same reads (another process stored it meanwhile) is replaced, so
         # concurrent writers of one key leave one entry.
         primary = self._load(step_hash, input_hash)
-        if primary is not None and primary.reads != entry.reads:
-            key = f"{input_hash}.{_variant_digest(entry.reads)}"
-        self.store.put(step_hash, key, blob)
+        if primary is None or primary.reads == entry.reads:
+            self.store.put(step_hash, input_hash, blob)
+            return True
+        keys = frozenset(entry.reads)
+        if keys != frozenset(primary.reads) and not self._index(step_hash, input_hash, keys):
+            return True  # a lookup could never find it: not worth a write
+        self.store.put(step_hash, f"{input_hash}.{_variant_digest(entry.reads)}", blob)
+        return True
+
+    def load_record(self, namespace: str, key: str) -> Any:
+        """A small signed record saved by :meth:`save_record`, or ``None``."""
+        entry = self._load(namespace, key)
+        return None if entry is None else entry.output
+
+    def save_record(self, namespace: str, key: str, value: Any) -> None:
+        """Sign and store a small record (an index, the parts of a step's last key)."""
+        self.store.put(namespace, key, encode_entry(CacheEntry(output=value), self.key))
+
+    def _variant(self, step_hash: str, input_hash: str, reads: dict[Any, str]) -> CacheEntry | None:
+        found = self._load(step_hash, f"{input_hash}.{_variant_digest(reads)}")
+        return found if found is not None and found.reads == reads else None
+
+    def _key_sets(self, step_hash: str, input_hash: str) -> list[frozenset[Any]]:
+        sets = self.load_record(step_hash, f"{input_hash}{_INDEX}")
+        return list(sets) if isinstance(sets, (list, tuple)) else []
+
+    def _index(self, step_hash: str, input_hash: str, keys: frozenset[Any]) -> bool:
+        """Add ``keys`` to the index; whether they are (now) in it."""
+        sets = self._key_sets(step_hash, input_hash)
+        if keys in sets:
+            return True
+        if len(sets) >= MAX_KEY_SETS:
+            # A full index stays as it is (no eviction, so no thrashing between sets):
+            # lookups stay bounded and runs with yet other reads simply run.
+            log.debug("Step %s, input %s: %d sets of read keys indexed already; this one "
+                      "is not cached.", step_hash, input_hash, len(sets))
+            return False
+        try:
+            self.save_record(step_hash, f"{input_hash}{_INDEX}", sets + [keys])
+        except Exception as exc:  # a read key that does not pickle
+            log.debug("Could not index the read keys of %s/%s: %s", step_hash, input_hash, exc)
+            return False
         return True
 
     def _load(self, step_hash: str, key: str) -> CacheEntry | None:
@@ -223,27 +294,66 @@ class StepCache:
             self.store.delete(step_hash, key)
             return None
 
-    @staticmethod
-    def _matches(entry: CacheEntry, ctx: FrozenContext) -> bool:
-        for key, digest in entry.reads.items():
-            try:
-                current = value_digest(ctx._peek(key))
-            except Exception:
-                return False
-            if current != digest:
-                return False
-        return True
 
-    @staticmethod
-    def _variant_key(input_hash: str, keys: Any, ctx: FrozenContext) -> str | None:
-        try:
-            current = {k: value_digest(ctx._peek(k)) for k in keys}
-        except Exception:
-            return None
-        return f"{input_hash}.{_variant_digest(current)}"
+
+class _CurrentReads:
+    """What a step would read now, digested once per key however many entries ask."""
+
+    __slots__ = ("_ctx", "_memo")
+
+    def __init__(self, ctx: FrozenContext) -> None:
+        self._ctx = ctx
+        self._memo: dict[Any, str | None] = {}
+
+    def digest(self, key: Any) -> str | None:
+        if key not in self._memo:
+            try:
+                self._memo[key] = value_digest(self._ctx._peek(key))
+            except Exception:  # cannot be hashed now, so no stored entry can match it
+                self._memo[key] = None
+        return self._memo[key]
+
+    def digests(self, keys: Any) -> dict[Any, str] | None:
+        """key -> current digest, or ``None`` if one of them cannot be hashed."""
+        found = {}
+        for key in keys:
+            digest = self.digest(key)
+            if digest is None:
+                return None
+            found[key] = digest
+        return found
+
+    def changed(self, recorded: dict[Any, str]) -> str:
+        """Which of ``recorded``'s reads differ now, in words."""
+        differ = [key for key, digest in recorded.items() if self.digest(key) != digest]
+        return describe_reads(differ)
+
+
+def describe_reads(keys: Any) -> str:
+    """``"ctx read changed: alpha; randomness changed: numpy"`` for the differing keys.
+
+    Example:
+        >>> describe_reads(["b", "a", ("crystallize", "random", "numpy")])
+        'ctx read changed: a, b; randomness changed: numpy'
+    """
+    ctx_keys, random_sources, other = [], [], []
+    for key in keys:
+        if isinstance(key, str):
+            ctx_keys.append(key)
+        elif key[:2] == PREFIX:
+            random_sources.append(source_name(key))
+        else:
+            other.append("ctx keys changed" if key == _KEYS_READ else "metrics read changed")
+    # A context generator that moved is named once, as randomness.
+    ctx_keys = [k for k in ctx_keys if f"ctx:{k}" not in random_sources]
+    parts = [f"ctx read changed: {', '.join(sorted(ctx_keys))}"] if ctx_keys else []
+    parts += sorted(set(other))
+    if random_sources:
+        parts.append(f"randomness changed: {', '.join(sorted(random_sources))}")
+    return "; ".join(parts) or "reads changed"
 
 
 def _variant_digest(reads: dict[Any, str]) -> str:
     # A dict hashes canonically whatever its keys (read keys are strings, plus the
-    # tuple pseudo-keys for "listed the keys" and "read the metrics").
+    # tuple pseudo-keys for listing the keys, reading the metrics and randomness).
     return hash_struct("reads", reads)

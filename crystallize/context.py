@@ -10,6 +10,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import ContextMutationError
+from .randomness import current_state
 
 __all__ = ["ContextMetrics", "FrozenContext", "active_context"]
 
@@ -26,6 +27,8 @@ _MISSING: Any = type("Missing", (), {"__repr__": lambda self: "<missing>"})()
 # read so the step cache checks it too. Never a real key: context keys are strings.
 _KEYS_READ = ("crystallize", "keys")
 _METRICS_READ = ("crystallize", "metrics")
+# The prefix of the pseudo-keys for random generators a step drew from.
+_RANDOM_READ = ("crystallize", "random")
 _IMMUTABLE = (str, bytes, int, float, complex, bool, type(None), frozenset, range)
 
 
@@ -323,12 +326,24 @@ class FrozenContext:
             recorder.artifacts.append(artifact)
 
     def _peek(self, key: str) -> Any:
-        """The stored value or the missing sentinel, without recording a read."""
+        """The stored value or the missing sentinel, without recording a read.
+
+        For the pseudo-keys a step cache records, what the step would find now: the
+        keys, the metrics, or a random generator's state (``("crystallize",
+        "random", source)``, see :mod:`crystallize.randomness`).
+        """
         if key == _KEYS_READ:
             return tuple(self._data)
         if key == _METRICS_READ:
             return self.metrics._snapshot()
+        if type(key) is tuple and key[:2] == _RANDOM_READ:
+            state = current_state(key, self)  # type: ignore[arg-type]
+            return _MISSING if state is None else state
         return self._data.get(key, _MISSING)
+
+    def _stored_items(self) -> Iterator[tuple[str, Any]]:
+        """The stored keys and values, not recorded as reads (for the framework)."""
+        return iter(list(self._data.items()))
 
     def __repr__(self) -> str:
         return f"FrozenContext({dict(self._data)!r})"

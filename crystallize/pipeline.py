@@ -17,14 +17,17 @@ from ._drive import Loop, adrive, drive, is_interrupt, loop_error, loop_running
 from .cache import CacheEntry, StepCache, read_digests, value_digest
 from .context import _ACTIVE, FrozenContext, _StepRecorder
 from .errors import ParameterError, PipelineError, StepError
-from .hashing import hash_struct, hash_value
+from .explain import RECORD_KEY, KeyParts, remember, why_missed
+from .hashing import UnhashableValueError, hash_struct, hash_value
 from .provenance import CacheStatus, StepRecord
-from .steps import FunctionStep, PipelineStep, is_step_factory
+from .randomness import capture, consumed, restore
+from .steps import FunctionStep, PipelineStep, is_step_factory, step_key
 from .stores import CacheStore, default_cache_store
 
 __all__ = ["Pipeline"]
 
 log = logging.getLogger("crystallize.pipeline")
+cache_log = logging.getLogger("crystallize.cache")
 
 
 class Pipeline:
@@ -89,13 +92,27 @@ class Pipeline:
         """
         if self.is_async and loop_running():
             raise loop_error()
+        self.forget_cache_identities()
         return drive(self.loop(data, _context(ctx), cache))
 
     async def arun(
         self, data: Any, ctx: FrozenContext | None = None, *, cache: CacheStore | bool | None = None
     ) -> Any:
         """Like :meth:`run`, awaiting async steps in the running event loop."""
+        self.forget_cache_identities()
         return await adrive(self.loop(data, _context(ctx), cache))
+
+    def forget_cache_identities(self) -> None:
+        """Make each step read its code fingerprint and constructor arguments again.
+
+        A step remembers them between runs (fingerprinting is not free); :meth:`run`,
+        :meth:`arun` and every ``Experiment.run()`` call this first, so a helper's
+        module constant rebound between two runs in one process is a miss, not a
+        stale hit. Call it yourself before driving :meth:`loop` for a new batch of
+        runs.
+        """
+        for step in self.steps:
+            step.forget_cache_identity()
 
     # -- the one step loop ----------------------------------------------------
     def loop(self, data: Any, ctx: FrozenContext, cache: CacheStore | bool | None = None) -> Loop:
@@ -130,12 +147,21 @@ class Pipeline:
 
 
 class _Keys:
-    """A cacheable step's cache key for one call, or why it has none."""
+    """A cacheable step's cache key for one call, and the parts it was made of."""
 
-    __slots__ = ("step_hash", "input_hash")
+    __slots__ = ("input_hash", "parts", "step_hash")
 
-    def __init__(self, step_hash: str, input_hash: str) -> None:
-        self.step_hash, self.input_hash = step_hash, input_hash
+    def __init__(self, step_hash: str, input_hash: str, parts: KeyParts) -> None:
+        self.step_hash, self.input_hash, self.parts = step_hash, input_hash, parts
+
+
+class _Miss:
+    """Why a lookup missed, and the step's key record to update when it is stored."""
+
+    __slots__ = ("namespace", "reason", "record")
+
+    def __init__(self, reason: str | None, namespace: str | None = None, record: Any = None) -> None:
+        self.reason, self.namespace, self.record = reason, namespace, record
 
 
 def _run_step(
@@ -156,12 +182,15 @@ def _run_step(
             raise
         keys = _cache_key(step, params, data) if caching else None
         status: CacheStatus = "off" if not caching else ("skipped" if keys is None else "miss")
+        miss, generators = None, None
         if keys is not None:
             cache.failed = False  # type: ignore[union-attr]  # this step's store errors only
-            entry = _lookup(cache, keys, ctx, step, index)  # type: ignore[arg-type]
+            entry, miss = _lookup(cache, keys, ctx, step, index)  # type: ignore[arg-type]
             if entry is not None:
                 _record(ctx, step, index, params, keys, "hit", tuple(entry.reads), recorder, started)
                 return entry.output
+            # What the step may draw from, as it finds it (see crystallize.randomness).
+            generators = _capture(step, ctx)
         try:
             output = _invoke(step, data, ctx, params)
             if inspect.isawaitable(output):
@@ -170,27 +199,64 @@ def _run_step(
             if is_interrupt(exc):
                 raise
             raise StepError(step.name, index, exc) from exc
+        moved = _consumed(step, generators) if keys is not None else None
         output = _split_metrics(output, ctx)
         if keys is not None:
-            status = _store(cache, step, keys, output, recorder)  # type: ignore[arg-type]
+            status = "skipped"
+            if moved is not None:
+                status = _store(cache, step, keys, output, recorder, moved, miss)  # type: ignore[arg-type]
             if cache.failed:  # type: ignore[union-attr]  # warned once by the store; the run stands
                 status = "error"
-        _record(ctx, step, index, params, keys, status, tuple(recorder.reads), recorder, started)
+        _record(ctx, step, index, params, keys, status, tuple(recorder.reads), recorder, started,
+                miss.reason if miss else None)
         return output
     finally:
         ctx._recorder = None
 
 
-def _lookup(cache: StepCache, keys: _Keys, ctx: FrozenContext, step: PipelineStep, index: int) -> CacheEntry | None:
-    """The entry for ``keys`` replayed into ``ctx``, or ``None`` on a miss."""
-    entry = cache.lookup(keys.step_hash, keys.input_hash, ctx)
+def _lookup(
+    cache: StepCache, keys: _Keys, ctx: FrozenContext, step: PipelineStep, index: int
+) -> tuple[CacheEntry | None, _Miss | None]:
+    """The entry for ``keys`` replayed into ``ctx``, or ``(None, why it missed)``."""
+    entry, reason = cache.find(keys.step_hash, keys.input_hash, ctx)
     if entry is None:
-        return None
+        miss = _Miss(reason)
+        if reason is None:  # no entry for this key at all: the step's last key says why
+            miss.namespace = hash_struct("explain", step.qualified_name(), index)
+            miss.record = cache.load_record(miss.namespace, RECORD_KEY)
+            miss.reason = why_missed(miss.record, keys.parts)
+        cache_log.debug("Step %r (index %d) missed the cache: %s.", step.name, index,
+                        miss.reason or "no entry for this step yet")
+        return None, miss
     try:
         _replay(entry, ctx)
     except Exception as exc:  # fail as the step itself would have
         raise StepError(step.name, index, exc) from exc
-    return entry
+    return entry, None
+
+
+def _capture(step: PipelineStep, ctx: FrozenContext) -> list[Any] | None:
+    try:
+        return capture(ctx)
+    except Exception as exc:  # an optimisation never costs a run
+        _unreadable_generators(step, exc)
+        return None
+
+
+def _consumed(step: PipelineStep, generators: list[Any] | None) -> list[Any] | None:
+    """The generators the step drew from; ``None`` if that cannot be known (not stored)."""
+    if generators is None:
+        return None
+    try:
+        return consumed(generators)
+    except Exception as exc:
+        _unreadable_generators(step, exc)
+        return None
+
+
+def _unreadable_generators(step: PipelineStep, exc: Exception) -> None:
+    log.warning("Step %r: the random generators' state could not be read (%s: %s); its "
+                "output is not cached.", step.name, type(exc).__name__, exc)
 
 
 def _invoke(step: PipelineStep, data: Any, ctx: FrozenContext, params: dict[str, Any]) -> Any:
@@ -200,22 +266,32 @@ def _invoke(step: PipelineStep, data: Any, ctx: FrozenContext, params: dict[str,
 
 
 def _cache_key(step: PipelineStep, params: dict[str, Any], data: Any) -> _Keys | None:
-    explicit = dict(step.params)
-    injected = {k: v for k, v in params.items() if k not in explicit}
-    identity, code = step.cache_identity()
     try:
-        return _Keys(hash_struct("step", identity, code, explicit, injected), hash_value(data))
+        identity, code = step.cache_identity()
+    except UnhashableValueError:
+        return None  # the step warned once, naming the type, when it found out
+    try:
+        explicit = {name: hash_value(value) for name, value in dict(step.params).items()}
+        injected = {name: hash_value(value) for name, value in params.items() if name not in explicit}
+        input_hash = hash_value(data)
     except Exception as exc:
         log.warning(
             "Step %r is cacheable but its parameters or input could not be hashed "
             "(%s: %s); it runs without the cache.", step.name, type(exc).__name__, exc,
         )
         return None
+    parts = KeyParts(identity, code, explicit, injected, input_hash)
+    return _Keys(step_key(identity, code, explicit, injected), input_hash, parts)
 
 
 def _store(
     cache: StepCache, step: PipelineStep, keys: _Keys, output: Any, recorder: _StepRecorder,
+    moved: list[tuple[Any, Any, Any]], miss: _Miss | None,
 ) -> CacheStatus:
+    # A generator the step drew from is read like a ctx value: the entry holds for
+    # its state at entry only, and a hit leaves it where the step left it.
+    for key, before, _ in moved:
+        recorder.note(key, before)
     try:
         reads = read_digests(recorder.reads)
     except Exception as exc:
@@ -225,11 +301,16 @@ def _store(
         )
         return "skipped"
     entry = CacheEntry(output, list(recorder.metrics), list(recorder.added), reads,
-                       list(recorder.artifacts))
-    if cache.save(keys.step_hash, keys.input_hash, entry):
-        return "miss"
-    log.warning("Step %r: output not cached (see the warning above).", step.name)
-    return "skipped"
+                       list(recorder.artifacts), {key: after for key, _, after in moved})
+    if not cache.save(keys.step_hash, keys.input_hash, entry):
+        log.warning("Step %r: output not cached (see the warning above).", step.name)
+        return "skipped"
+    if miss is not None and miss.namespace is not None:
+        try:
+            cache.save_record(miss.namespace, RECORD_KEY, remember(miss.record, keys.parts))
+        except Exception as exc:  # only explanations suffer
+            cache_log.debug("Step %r: could not record its key's parts: %s", step.name, exc)
+    return "miss"
 
 
 def _replay(entry: CacheEntry, ctx: FrozenContext) -> None:
@@ -239,6 +320,8 @@ def _replay(entry: CacheEntry, ctx: FrozenContext) -> None:
         ctx.add(key, value)
     for artifact in entry.artifacts:
         ctx._replay_artifact(artifact)
+    for key, state in entry.random_after.items():
+        restore(key, state, ctx)
 
 
 def _split_metrics(output: Any, ctx: FrozenContext) -> Any:
@@ -254,13 +337,14 @@ def _split_metrics(output: Any, ctx: FrozenContext) -> Any:
 def _record(
     ctx: FrozenContext, step: PipelineStep, index: int, params: dict[str, Any],
     keys: _Keys | None, status: CacheStatus,
-    reads: tuple[str, ...], recorder: _StepRecorder, started: float,
+    reads: tuple[str, ...], recorder: _StepRecorder, started: float, miss_reason: str | None = None,
 ) -> None:
     ctx.provenance.append(StepRecord(
         name=step.name, index=index, params=params,
         step_hash=keys.step_hash if keys else None,
         input_hash=keys.input_hash if keys else None, cache=status, reads=reads,
         added=tuple(k for k, _ in recorder.added), seconds=time.perf_counter() - started,
+        miss_reason=miss_reason,
     ))
 
 

@@ -29,10 +29,20 @@ class StepRecord:
         cache: a :data:`CacheStatus`: ``"off"``, ``"hit"``, ``"miss"``,
             ``"skipped"`` or ``"error"``.
         reads: ctx keys the step read through ``get``/``[]``/``in``/``as_dict``, plus
-            ``("crystallize", "keys")`` if it listed the keys and
-            ``("crystallize", "metrics")`` if it read the metrics.
+            ``("crystallize", "keys")`` if it listed the keys,
+            ``("crystallize", "metrics")`` if it read the metrics and
+            ``("crystallize", "random", source)`` for each random generator a
+            cacheable step drew from (``"random"``, ``"numpy"``, ``"torch"``,
+            ``"ctx:<key>"``).
         added: ctx keys the step added.
         seconds: wall time, including cache lookup and store.
+        miss_reason: for a cacheable step that found no entry, what differs from the
+            entries that exist for it: ``"code changed"``, ``"constructor arguments
+            changed"``, ``"params changed: factor"``, ``"injected value changed:
+            lr"``, ``"input changed"``, ``"ctx read changed: alpha"``, ``"randomness
+            changed: numpy"`` (several joined by ``"; "``), ``"entry missing"`` when
+            nothing differs; ``None`` on a hit, with the cache off, or when the cache
+            holds nothing for the step yet.
     """
 
     name: str
@@ -44,3 +54,4 @@ class StepRecord:
     reads: tuple[str, ...] = ()
     added: tuple[str, ...] = ()
     seconds: float = 0.0
+    miss_reason: str | None = None

@@ -201,7 +201,13 @@ class SetUpSteps:
         self._ctx = FrozenContext(experiment.initial_ctx)
 
     def set_up(self) -> None:
-        """Call each step's ``setup(ctx)`` in order, stopping at the first failure."""
+        """Call each step's ``setup(ctx)`` in order, stopping at the first failure.
+
+        Runs at every ``Experiment.run()`` in each process hosting steps, so it is
+        also where the steps read their code fingerprints afresh (a module constant
+        rebound between two runs is a miss, not a stale hit).
+        """
+        self.experiment.pipeline.forget_cache_identities()
         for step in self.experiment.pipeline.steps:
             try:
                 step.setup(self._ctx)

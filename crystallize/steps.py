@@ -10,27 +10,33 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from .context import FrozenContext
 from .fingerprint import code_fingerprint
-from .hashing import hash_struct
+from .hashing import UnhashableValueError, hash_struct, hash_value
 from .params import Signature, rebuild
 
-__all__ = ["PipelineStep", "pipeline_step"]
+__all__ = ["PipelineStep", "pipeline_step", "step_key"]
+
+log = logging.getLogger("crystallize.cache")
 
 
 class PipelineStep:
     """Base class for steps; subclass it for steps that hold heavy resources.
 
-    Override ``__call__(data, ctx)``; optionally ``params`` (what identifies this
-    instance's configuration, part of its cache key), ``setup(ctx)`` and
-    ``teardown(ctx)``. Set the class attribute ``cacheable = True`` when outputs may
-    be reused, ``version = "..."`` to key the cache on a label instead of the code,
-    and ``heavy = True`` to ship the step as its recipe (class + constructor
-    arguments) so process and Ray workers build their own instance, once per worker,
-    instead of pickling the loaded resource.
+    Override ``__call__(data, ctx)``; optionally ``params`` (configuration shown in
+    provenance and part of its cache key), ``setup(ctx)`` and ``teardown(ctx)``. The
+    constructor arguments are part of the cache key too (``Scale(3)`` never reuses
+    ``Scale(2)``'s outputs), so they must be hashable for the step to be cached. Set
+    the class attribute ``cacheable = True`` when outputs may be reused,
+    ``version = "..."`` to key the cache on a label instead of the code, and
+    ``heavy = True`` to ship the step as its recipe (class + constructor arguments)
+    so process and Ray workers build their own instance, once per worker, instead of
+    pickling the loaded resource.
 
     Example:
         >>> class AddOne(PipelineStep):
@@ -44,17 +50,21 @@ class PipelineStep:
     heavy: bool = False
     version: str | None = None
 
+    # Whether the constructor arguments are this class's recipe (part of its identity).
+    _records_recipe: bool = True
+
     def __new__(cls, *args: Any, **kwargs: Any) -> PipelineStep:
         self = super().__new__(cls)
-        if cls.heavy:
-            # A heavy step travels as its recipe (class + constructor arguments) and
-            # is rebuilt, once, in each worker process that loads the experiment.
+        if cls._records_recipe:
+            # The constructor arguments identify the instance in cache keys (Scale(3)
+            # is not Scale(2)), and a heavy step travels as them: it is rebuilt, once,
+            # in each worker process that loads the experiment.
             self.__dict__["_crystallize_recipe"] = (args, kwargs)
         return self
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         recipe = self.__dict__.get("_crystallize_recipe")
-        if self.heavy and recipe is not None:
+        if self.heavy and isinstance(recipe, tuple):
             return (_rebuild_heavy, (type(self), recipe[0], recipe[1]))
         return super().__reduce_ex__(protocol)
 
@@ -91,16 +101,63 @@ class PipelineStep:
         return dict(self.params)
 
     def cache_identity(self) -> tuple[str, str]:
-        """``(identity, code)`` for the cache key; ``version`` replaces the code."""
+        """``(identity, code)`` for the cache key, remembered until :meth:`forget_cache_identity`.
+
+        The identity is the qualified name of the class (or function) plus, for a
+        class step, the digest of its constructor arguments; the code is its
+        fingerprint, or ``version:<label>`` when ``version`` is set.
+
+        Raises:
+            UnhashableValueError: a constructor argument cannot be hashed (warned
+                about once); the step then runs without the cache.
+        """
+        memo = self.__dict__.get("_crystallize_identity")
+        if memo is None:
+            memo = self._identity()
+            self.__dict__["_crystallize_identity"] = memo
+        if isinstance(memo, UnhashableValueError):
+            # A fresh exception each time: re-raising one would grow its traceback.
+            raise UnhashableValueError(memo.value_type, memo.reason)
+        return memo
+
+    def forget_cache_identity(self) -> None:
+        """Read the code fingerprint and constructor arguments again at the next key.
+
+        :meth:`cache_identity` remembers them; ``Pipeline.run()``, ``Pipeline.arun()``
+        and every ``Experiment.run()`` call this first, so a module constant rebound
+        (or a module-level list changed) between two runs in one process is seen.
+        """
+        self.__dict__.pop("_crystallize_identity", None)
+
+    def qualified_name(self) -> str:
+        """``module.qualname`` of the step's class (or, for function steps, function)."""
         target = self._code_target()
-        identity = f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', self.name)}"
+        return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', self.name)}"
+
+    def _identity(self) -> tuple[str, str] | UnhashableValueError:
+        identity = self.qualified_name()
+        recipe = self._recipe_digest()
+        if isinstance(recipe, UnhashableValueError):
+            return recipe
+        if recipe is not None:
+            identity = f"{identity}({recipe})"
         if self.version is not None:
             return identity, f"version:{self.version}"
-        cached = self.__dict__.get("_crystallize_code")
-        if cached is None:
-            cached = code_fingerprint(target)
-            self.__dict__["_crystallize_code"] = cached
-        return identity, cached
+        return identity, code_fingerprint(self._code_target())
+
+    def _recipe_digest(self) -> str | UnhashableValueError | None:
+        """The digest of the constructor arguments; ``None`` for function steps."""
+        recipe = self.__dict__.get("_crystallize_recipe")
+        if recipe is None:
+            return None
+        if isinstance(recipe, _ShippedRecipe):
+            return recipe.digest if recipe.digest is not None else UnhashableValueError(
+                recipe.problem or "?", "its constructor arguments could not be hashed")
+        try:
+            return hash_value(_bound(type(self), *recipe))
+        except UnhashableValueError as exc:
+            _warn_unkeyable(self, exc)
+            return exc
 
     @property
     def step_hash(self) -> str:
@@ -111,7 +168,8 @@ class PipelineStep:
         entry's key instead.
         """
         identity, code = self.cache_identity()
-        return hash_struct("step", identity, code, dict(self.params), {})
+        explicit = {name: hash_value(value) for name, value in dict(self.params).items()}
+        return step_key(identity, code, explicit, {})
 
     def is_async(self) -> bool:
         """Whether calling the step returns an awaitable."""
@@ -122,8 +180,11 @@ class PipelineStep:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.pop("_crystallize_code", None)
-        state.pop("_crystallize_recipe", None)
+        state.pop("_crystallize_identity", None)
+        if "_crystallize_recipe" in state:
+            # The recipe travels as its digest: what identifies the step, without
+            # pickling constructor arguments the instance may not even keep.
+            state["_crystallize_recipe"] = _ShippedRecipe.of(self)
         return state
 
     def __repr__(self) -> str:
@@ -131,12 +192,81 @@ class PipelineStep:
         return f"{self.name}({params})"
 
 
+def step_key(identity: str, code: str, explicit: Mapping[str, str], injected: Mapping[str, str]) -> str:
+    """The step part of a cache key, from the digests of each parameter.
+
+    Args:
+        identity: the step's qualified name and constructor-argument digest.
+        code: its code fingerprint (or ``version:<label>``).
+        explicit: explicit parameter name -> digest of its value.
+        injected: injected parameter name -> digest of its value.
+
+    Example:
+        >>> step_key("m.f", "code", {"k": "d1"}, {}) != step_key("m.f", "code", {}, {"k": "d1"})
+        True
+    """
+    return hash_struct("step", identity, code, dict(explicit), dict(injected))
+
+
 def _rebuild_heavy(cls: type[PipelineStep], args: tuple[Any, ...], kwargs: dict[str, Any]) -> PipelineStep:
     return cls(*args, **kwargs)
 
 
+def _bound(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The constructor arguments by parameter name, defaults filled in.
+
+    ``Scale(3)``, ``Scale(factor=3)`` and ``Scale(3, shift=0)`` are one recipe.
+    """
+    try:
+        bound = inspect.signature(cls.__init__).bind(None, *args, **kwargs)  # type: ignore[misc]
+    except (TypeError, ValueError):  # no introspectable signature: as given
+        return (args, kwargs)
+    bound.apply_defaults()
+    return dict(list(bound.arguments.items())[1:])  # without self
+
+
+class _ShippedRecipe:
+    """A class step's constructor arguments as they travel: their digest, or why none."""
+
+    __slots__ = ("digest", "problem")
+
+    def __init__(self, digest: str | None, problem: str | None) -> None:
+        self.digest, self.problem = digest, problem
+
+    @classmethod
+    def of(cls, step: PipelineStep) -> _ShippedRecipe:
+        found = step._recipe_digest()
+        if isinstance(found, UnhashableValueError):
+            return cls(None, found.value_type)
+        return cls(found, None)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_ShippedRecipe, (self.digest, self.problem))
+
+
+_WARNED: set[tuple[str, str]] = set()
+_WARNED_LOCK = threading.Lock()
+
+
+def _warn_unkeyable(step: PipelineStep, exc: UnhashableValueError) -> None:
+    """Warn once per process and step class that its arguments cannot be keyed."""
+    key = (step.qualified_name(), exc.value_type)
+    with _WARNED_LOCK:
+        if key in _WARNED:
+            return
+        _WARNED.add(key)
+    log.warning(
+        "Step %r is cacheable, but its constructor arguments cannot be hashed (a value of "
+        "type %r: %s); it runs without the cache. Pass plain data (a path, a config) to "
+        "the constructor and load the object in setup(), or give that type a __getstate__.",
+        step.name, exc.value_type, exc.reason,
+    )
+
+
 class FunctionStep(PipelineStep):
     """A step built by a ``@pipeline_step`` factory: the function plus explicit params."""
+
+    _records_recipe = False  # identified by its function and explicit params
 
     def __init__(
         self,

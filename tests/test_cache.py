@@ -1,8 +1,8 @@
 """The step cache, counted with real calls against a real cache directory.
 
-Call counters are attributes of a ``Calls`` object: the code fingerprint of a step
-covers the plain-data module constants it names, so a module-level list or int used
-as a counter would change the step's key on every call; an object's attributes do not.
+Call counters are attributes of a ``Calls`` object that hashes as a constant: the
+code fingerprint of a step covers the module-level values it names by content, so a
+counter that hashed by its counts would change the step's key on every call.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from crystallize import (
     StepError,
     pipeline_step,
 )
+from crystallize.explain import RECORD_KEY
 
 
 class Calls:
@@ -42,6 +43,10 @@ class Calls:
 
     def __getitem__(self, name: str) -> int:
         return self.counts.get(name, 0)
+
+    def __reduce_ex__(self, protocol):
+        # What hash_value reads: the counts are not part of any step's identity.
+        return (Calls, ())
 
 
 CALLS = Calls()
@@ -58,7 +63,9 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def entry_files(root: Path) -> list[Path]:
-    return sorted(root.rglob("*.pkl")) if root.exists() else []
+    """The cache entries under ``root`` (not the small records that explain misses)."""
+    found = sorted(root.rglob("*.pkl")) if root.exists() else []
+    return [p for p in found if p.name != f"{RECORD_KEY}.pkl"]
 
 
 @pipeline_step(cacheable=True)
