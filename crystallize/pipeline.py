@@ -7,9 +7,11 @@ metrics and provenance.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import time
+import types
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -18,6 +20,7 @@ from .cache import CacheEntry, StepCache, read_digests, value_digest
 from .context import _ACTIVE, FrozenContext, _StepRecorder
 from .errors import ParameterError, PipelineError, StepError
 from .explain import RECORD_KEY, KeyParts, remember, why_missed
+from .fingerprint import code_fingerprint
 from .hashing import UnhashableValueError, hash_struct, hash_value
 from .provenance import CacheStatus, StepRecord
 from .randomness import capture, consumed, restore
@@ -271,8 +274,8 @@ def _cache_key(step: PipelineStep, params: dict[str, Any], data: Any) -> _Keys |
     except UnhashableValueError:
         return None  # the step warned once, naming the type, when it found out
     try:
-        explicit = {name: hash_value(value) for name, value in dict(step.params).items()}
-        injected = {name: hash_value(value) for name, value in params.items() if name not in explicit}
+        explicit = {name: _param_digest(value) for name, value in dict(step.params).items()}
+        injected = {name: _param_digest(value) for name, value in params.items() if name not in explicit}
         input_hash = hash_value(data)
     except Exception as exc:
         log.warning(
@@ -282,6 +285,18 @@ def _cache_key(step: PipelineStep, params: dict[str, Any], data: Any) -> _Keys |
         return None
     parts = KeyParts(identity, code, explicit, injected, input_hash)
     return _Keys(step_key(identity, code, explicit, injected), input_hash, parts)
+
+
+def _param_digest(value: Any) -> str:
+    """A parameter's digest; a function (or a partial of one) by its code, not its name.
+
+    ``step(fn=helper)``: editing ``helper`` must miss, and a lambda has no name to go by.
+    """
+    target = value.func if isinstance(value, functools.partial) else value
+    if isinstance(target, types.FunctionType):
+        args = (value.args, value.keywords) if target is not value else ()
+        return hash_struct("function parameter", code_fingerprint(target), hash_value(args))
+    return hash_value(value)
 
 
 def _store(

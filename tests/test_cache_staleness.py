@@ -289,3 +289,37 @@ def test_edits_and_rebinding_in_fresh_processes(tmp_path, counter):
         statuses[0] for statuses in (out["first"][0], out["second"][0], out["third"][0])
     ] == [["hit"]] * 3
     assert executions(counter) == 6
+
+
+def test_a_function_passed_as_a_parameter_is_keyed_by_its_code(tmp_path):
+    # step(fn=helper): editing helper must miss; a lambda parameter is cached too.
+    script = tmp_path / "fnparam.py"
+    calls = tmp_path / "calls.txt"
+
+    def write(body: str) -> None:
+        script.write_text(
+            "import sys\n"
+            "from crystallize import Experiment, Pipeline, pipeline_step\n"
+            "def helper(x):\n"
+            f"    return {body}\n"
+            "@pipeline_step(cacheable=True)\n"
+            "def apply(data, *, fn):\n"
+            f"    open({str(calls)!r}, 'a').write('call\\n')\n"
+            "    return data, {'y': fn(data)}\n"
+            "exp = Experiment(lambda ctx: 2, Pipeline([apply(fn=helper), apply(fn=lambda x: x - 1)]))\n"
+            "print(exp.run().metrics.baseline.metrics['y'])\n"
+        )
+
+    def run() -> str:
+        done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    write("x + 1")
+    assert run() == "[3, 1]"
+    assert run() == "[3, 1]"
+    assert calls.read_text().count("call") == 2           # second process: two hits
+    write("x * 10")
+    assert run() == "[20, 1]"                              # helper edited: a miss
+    assert calls.read_text().count("call") == 3           # the lambda's entry still hits
