@@ -130,37 +130,64 @@ class ExecutionBackend(BasePlugin, abc.ABC):
         """
 
     async def aexecute(self, experiment: Any, plan: Sequence[RunSpec]) -> AsyncIterator[RunResult]:
-        """Async form of :meth:`execute`; by default runs ``execute`` in a thread."""
+        """Async form of :meth:`execute`; by default runs ``execute`` in a helper thread.
+
+        Results stream into the event loop as they finish; the loop is never blocked.
+        When the caller is cancelled (``asyncio.run`` turns Ctrl-C into cancelling
+        its main task) or interrupted, the results that arrive within half a second
+        are yielded before the exception propagates; then the helper thread is told
+        to stop: it closes ``execute``'s generator, so the backend stops its workers,
+        as soon as the backend hands it its next result. It is a daemon thread, so it
+        never holds up the interpreter's exit.
+        """
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        inbox: asyncio.Queue[Any] = asyncio.Queue()
         done = object()
         stop = threading.Event()
+
+        def post(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(inbox.put_nowait, item)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass
 
         def pump() -> None:
             runs = self.execute(experiment, plan)
             try:
                 for run in runs:
-                    loop.call_soon_threadsafe(queue.put_nowait, run)
                     if stop.is_set():
                         break
+                    post(run)
             except BaseException as exc:  # re-raised in the event loop below
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
+                post(exc)
             finally:
-                close = getattr(runs, "close", None)
-                if close is not None:
-                    close()
-                loop.call_soon_threadsafe(queue.put_nowait, done)
+                try:
+                    close = getattr(runs, "close", None)
+                    if close is not None:
+                        close()
+                except BaseException as exc:
+                    post(exc)
+                post(done)
 
         thread = threading.Thread(target=pump, name=f"crystallize-{type(self).__name__}", daemon=True)
         thread.start()
         try:
-            while True:
-                item = await queue.get()
-                if item is done:
-                    break
+            while (item := await inbox.get()) is not done:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            grace = loop.time() + 0.5  # the runs that come back meanwhile are kept
+            while (left := grace - loop.time()) > 0:
+                try:
+                    item = await asyncio.wait_for(inbox.get(), left)
+                except asyncio.TimeoutError:
+                    break
+                if item is done:
+                    break
+                if isinstance(item, RunResult):
+                    yield item
+            raise
         finally:
             stop.set()
         thread.join()

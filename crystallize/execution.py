@@ -9,16 +9,37 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
-from .backend import ExecutionBackend, RunResult, RunSpec, check_option, is_int, steps_set_up
+from .backend import (
+    ExecutionBackend,
+    RunResult,
+    RunSpec,
+    check_option,
+    failed_run,
+    is_int,
+    steps_set_up,
+)
 
 __all__ = ["AsyncExecution", "ExecutionBackend", "SerialExecution"]
+
+#: On Ctrl-C, how long runs already in flight may still come back and be kept.
+GRACE_SECONDS = 0.5
+#: The longest a driver thread blocks at once. Python runs signal handlers in the
+#: main thread only, when it wakes up; where the OS hands SIGINT to another thread,
+#: this bounds how late Ctrl-C is noticed.
+WAIT_SLICE_SECONDS = 0.2
 
 
 class SerialExecution(ExecutionBackend):
     """Run every run one after another in this process (the default backend).
+
+    On Ctrl-C the run in progress is abandoned where it stands, the steps are torn
+    down, and ``run()`` raises ``KeyboardInterrupt`` with the finished runs in
+    ``exc.partial_result``.
 
     Args:
         progress: show a progress line over runs.
@@ -37,6 +58,14 @@ class AsyncExecution(ExecutionBackend):
     """Run runs concurrently as asyncio tasks in one event loop (for I/O-bound steps).
 
     Sync steps run in the loop too and block it while they run; async steps overlap.
+    Under ``run()`` the loop runs in a helper thread, so results stream to the
+    driver as they finish; under ``arun()`` it is the caller's loop.
+
+    On Ctrl-C (or when ``arun()`` is cancelled) no new run starts, the runs in
+    flight get half a second to finish and are then cancelled, every run that
+    finished is kept in ``exc.partial_result``, and the steps are torn down. A sync
+    step that blocks the loop cannot be cancelled: ``run()`` stops waiting for it
+    after a short grace and leaves it to the daemon helper thread.
 
     Args:
         max_concurrency: the most runs in flight at once (default 64).
@@ -54,40 +83,149 @@ class AsyncExecution(ExecutionBackend):
     def execute(self, experiment: Any, plan: Sequence[RunSpec]) -> Iterator[RunResult]:
         # The event loop runs in a helper thread so results stream to the driver (and
         # its progress line and hooks) as they finish, not all at the end.
-        results: queue.Queue[Any] = queue.Queue()
-        done = object()
+        inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
         async def pump() -> None:
             async for run in self.aexecute(experiment, plan):
-                results.put(run)
+                inbox.put(run)
 
-        def loop() -> None:
-            try:
-                asyncio.run(pump())
-            except BaseException as exc:  # re-raised in the driver below
-                results.put(exc)
-            finally:
-                results.put(done)
-
-        thread = threading.Thread(target=loop, name="crystallize-AsyncExecution", daemon=True)
-        thread.start()
-        while (item := results.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-        thread.join()
+        helper = _LoopThread(pump, inbox, name="crystallize-AsyncExecution")
+        try:
+            while True:
+                try:
+                    item = inbox.get(timeout=WAIT_SLICE_SECONDS)
+                except queue.Empty:
+                    continue
+                if item is _DONE:
+                    break
+                if isinstance(item, _Raised):
+                    raise item.exc
+                yield item
+        except KeyboardInterrupt:
+            helper.cancel()
+            # The loop gives its runs GRACE_SECONDS to finish and as long to unwind
+            # once cancelled, then hands out those that finished.
+            deadline = time.monotonic() + 3 * GRACE_SECONDS
+            while True:  # the runs the loop hands out while it cancels the others
+                try:
+                    item = inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is _DONE:
+                    break
+                if isinstance(item, RunResult):
+                    yield item
+            raise
+        finally:
+            helper.cancel()  # a no-op once the loop has finished
 
     async def aexecute(self, experiment: Any, plan: Sequence[RunSpec]) -> AsyncIterator[RunResult]:
         with steps_set_up(experiment) as host:
             specs = iter(plan)
-            running: set[asyncio.Future[RunResult]] = set()
-            while True:
-                for spec in specs:
-                    running.add(asyncio.ensure_future(host.arun(spec.replicate, spec.condition)))
-                    if len(running) >= self.max_concurrency:
-                        break
-                if not running:
-                    return
-                finished, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                for task in finished:
-                    yield task.result()
+            running: dict[asyncio.Future[RunResult], RunSpec] = {}
+            ready: deque[RunResult] = deque()
+            try:
+                while True:
+                    for spec in specs:
+                        running[asyncio.ensure_future(host.arun(spec.replicate, spec.condition))] = spec
+                        if len(running) >= self.max_concurrency:
+                            break
+                    if not running:
+                        return
+                    finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    for task in finished:
+                        ready.append(_outcome(task, running.pop(task)))
+                    while ready:
+                        yield ready.popleft()
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                # Ctrl-C, or the caller cancelled: no new run; the runs in flight get a
+                # short grace, then are cancelled; what finished is handed out.
+                if running:
+                    await asyncio.wait(running, timeout=GRACE_SECONDS)
+                ready.extend(await _cancel(running))
+                while ready:
+                    yield ready.popleft()
+                raise
+            finally:
+                await _cancel(running)  # on any other way out; steps are torn down after
+
+
+def _outcome(task: asyncio.Future[RunResult], spec: RunSpec) -> RunResult:
+    if task.cancelled():
+        # The runner records every failure, so only a cancel aimed at the run's own
+        # task gets here (a step cancelling itself); it fails this run alone.
+        return failed_run(spec, "run", "CancelledError", "The run's asyncio task was cancelled.")
+    return task.result()
+
+
+def _succeeded(task: asyncio.Future[RunResult]) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is None
+
+
+async def _cancel(running: dict[asyncio.Future[RunResult], RunSpec]) -> list[RunResult]:
+    """Cancel every task not done; give them a short grace to unwind before the teardown.
+
+    Returns:
+        the results of the tasks that had finished all the same.
+    """
+    tasks = list(running)
+    running.clear()
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=GRACE_SECONDS)
+    return [task.result() for task in tasks if _succeeded(task)]
+
+
+class _Raised:
+    """What the event loop's thread raised, for the driver to re-raise."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+_DONE = object()  # the event loop's thread has finished
+
+
+class _LoopThread:
+    """``asyncio.run(main())`` in a daemon thread, cancellable from any thread.
+
+    Everything ``main`` does not put in ``inbox`` itself arrives there too: what it
+    raised (as :class:`_Raised`), then ``_DONE``.
+    """
+
+    def __init__(self, main: Callable[[], Awaitable[None]], inbox: queue.SimpleQueue[Any], name: str) -> None:
+        self._main = main
+        self._inbox = inbox
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._task: tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None = None
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def cancel(self) -> None:
+        """Cancel ``main`` (or keep it from starting); idempotent."""
+        with self._lock:
+            self._cancelled = True
+            if self._task is not None:
+                loop, task = self._task
+                try:
+                    loop.call_soon_threadsafe(task.cancel)
+                except RuntimeError:  # the loop is closed: main has finished already
+                    pass
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._guarded())
+        except BaseException as exc:  # re-raised in the driver
+            self._inbox.put(_Raised(exc))
+        finally:
+            self._inbox.put(_DONE)
+
+    async def _guarded(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        with self._lock:
+            if self._cancelled:
+                return
+            self._task = (asyncio.get_running_loop(), task)
+        await self._main()

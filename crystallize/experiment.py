@@ -216,7 +216,9 @@ class Experiment:
     ) -> Result:
         """Run every replicate of the baseline and each treatment; aggregate.
 
-        A run that fails is recorded in ``result.errors``; the others finish.
+        A run that fails is recorded in ``result.errors``; the others finish. That
+        holds for any exception a step raises, ``sys.exit()`` and other
+        ``BaseException`` included; only Ctrl-C stops the experiment.
 
         Args:
             replicates: overrides the experiment's ``replicates`` for this call.
@@ -226,6 +228,16 @@ class Experiment:
         Raises:
             ValidationError: the experiment is structurally wrong.
             SerializationError: a process/Ray backend cannot ship the experiment.
+            KeyboardInterrupt: Ctrl-C. The backend starts no new run and stops its
+                workers; ``exc.partial_result`` is a :class:`Result` of every run that
+                finished, those that came back while it was stopping included
+                (``provenance["complete"]`` is False, no hypotheses are evaluated).
+
+        Example:
+            >>> try:                                                  # doctest: +SKIP
+            ...     result = exp.run(replicates=1000)
+            ... except KeyboardInterrupt as exc:
+            ...     result = exc.partial_result
         """
         job, plan = self._prepare(replicates, treatments, hypotheses)
         if job.backend.async_native and loop_running():
@@ -233,8 +245,7 @@ class Experiment:
                 f"Experiment.run() with {type(job.backend).__name__} inside a running event "
                 f"loop: use `await experiment.arun(...)`.")
         with _Collector(job, plan) as collector:
-            for run in job.backend.execute(job, plan):
-                collector.receive(run)
+            collector.consume(job.backend.execute(job, plan))
         return collector.result()
 
     async def arun(
@@ -243,11 +254,16 @@ class Experiment:
         treatments: Sequence[Treatment] | None = None,
         hypotheses: Sequence[Hypothesis] | None = None,
     ) -> Result:
-        """Async form of :meth:`run`: use it inside an event loop."""
+        """Async form of :meth:`run`: use it inside an event loop.
+
+        Cancelling it (``asyncio.run`` does so on Ctrl-C, then raises
+        ``KeyboardInterrupt`` itself) stops the backend as Ctrl-C stops :meth:`run`;
+        the ``CancelledError`` carries ``partial_result``, and is the
+        ``__context__`` of the ``KeyboardInterrupt`` that ``asyncio.run`` raises.
+        """
         job, plan = self._prepare(replicates, treatments, hypotheses)
         with _Collector(job, plan) as collector:
-            async for run in job.backend.aexecute(job, plan):
-                collector.receive(run)
+            await collector.aconsume(job.backend.aexecute(job, plan))
         return collector.result()
 
     def _prepare(
@@ -314,6 +330,11 @@ class _Collector:
     It checks the backend's contract: every planned run comes back exactly once.
     If the backend fails part-way (or is interrupted), the exception carries the
     runs already finished as ``exc.partial_result``, so nothing computed is lost.
+
+    Ctrl-C that strikes while a result is being received (in a plugin hook, say)
+    is thrown into the backend's generator at its ``yield``, so the backend stops
+    the same way wherever the interrupt landed: it yields the runs that finish
+    while it stops its workers, then re-raises.
     """
 
     def __init__(self, job: Experiment, plan: Sequence[RunSpec]) -> None:
@@ -343,6 +364,71 @@ class _Collector:
                 exc.partial_result = self.job._finish(self.runs, self.started, evaluate=False)  # type: ignore[attr-defined]
             except Exception:  # never mask the original error
                 log.exception("Could not aggregate the finished runs after %r", exc)
+
+    def consume(self, runs: Any) -> None:
+        """Receive every run that ``runs`` (what ``backend.execute`` returned) yields.
+
+        See the class docstring for Ctrl-C.
+        """
+        run = None
+        try:
+            for run in runs:
+                self.receive(run)
+                run = None
+        except KeyboardInterrupt as exc:
+            self._keep(run)
+            throw = getattr(runs, "throw", None)
+            if throw is not None:
+                try:  # a generator that raised the interrupt itself re-raises it here
+                    run = throw(exc)
+                    while True:
+                        self.receive(run)
+                        run = next(runs)
+                except StopIteration:
+                    pass
+                except KeyboardInterrupt as again:
+                    if again is not exc:  # a second Ctrl-C: stop receiving now
+                        raise
+            raise
+        finally:
+            close = getattr(runs, "close", None)
+            if close is not None:
+                close()
+
+    async def aconsume(self, runs: Any) -> None:
+        """Receive every run of ``runs`` (what ``backend.aexecute`` returned), as :meth:`consume`."""
+        run = None
+        try:
+            async for run in runs:
+                self.receive(run)
+                run = None
+        except KeyboardInterrupt as exc:
+            self._keep(run)
+            athrow = getattr(runs, "athrow", None)
+            if athrow is not None:
+                try:  # an exhausted async generator returns None here
+                    run = await athrow(exc)
+                    while run is not None:
+                        self.receive(run)
+                        run = await runs.__anext__()
+                except StopAsyncIteration:
+                    pass
+                except KeyboardInterrupt as again:
+                    if again is not exc:
+                        raise
+            raise
+        finally:
+            aclose = getattr(runs, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def _keep(self, run: RunResult | None) -> None:
+        """Keep the run that Ctrl-C interrupted the receiving of, if it was planned."""
+        if run is not None:
+            key = (run.replicate, run.condition)
+            if key in self.expected and key not in self.seen:
+                self.seen.add(key)
+                self.runs.append(run)
 
     def receive(self, run: RunResult) -> None:
         key = (run.replicate, run.condition)

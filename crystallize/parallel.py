@@ -1,47 +1,38 @@
 """ParallelExecution: runs on a local thread pool or process pool.
 
-The process pool receives the experiment once per worker process (as the pool's
-initializer argument); each task then carries only a batch of (replicate,
-condition) pairs. A step that raises is recorded in its run. A worker process that
-dies takes down the whole pool in ``concurrent.futures``; the runs that were in
-flight are then retried in isolation in a fresh pool, batch by batch, halving any
-batch that breaks the pool again: the run that kills its worker is identified
-exactly, retried up to ``max_retries`` times, and recorded as failed while every
-other run finishes. A run whose result cannot be pickled back
-is recorded as failed too; a step whose ``setup()`` fails in a worker is recorded
-on every run, as under the serial backend.
+Threads share this process: the experiment's steps are set up once, here, and a
+fixed set of daemon threads takes runs from the plan one at a time. The process
+pool (``crystallize/_process_pool.py``) ships the experiment once per worker,
+isolates the run that kills its worker, and limits each worker's native thread
+pools (BLAS, OpenMP) to its share of the CPUs, as joblib does.
 
-Each process worker limits the native thread pools (BLAS, OpenMP) it inherits to
-its share of the CPUs, as joblib does: two workers on two cores each running
-numpy with two BLAS threads would otherwise fight over the cores.
+On Ctrl-C both stop within about a second: no new run starts, the runs that come
+back within a short grace are kept (``exc.partial_result`` holds them), process
+workers are terminated, and a thread still inside a run is abandoned (it is a
+daemon, so it never holds up the interpreter's exit; its result is dropped).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-from collections import Counter, deque
+import queue
+import threading
+import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
-from multiprocessing.util import Finalize
 from typing import Any
 
-from ._native import limit_native_threads
+from ._process_pool import run_in_processes
 from .backend import (
     ExecutionBackend,
     RunResult,
     RunSpec,
-    batched,
+    SetUpSteps,
     check_option,
-    deserialize_experiment,
     is_int,
-    pack_results,
-    serialize_experiment,
     steps_set_up,
-    unpack_results,
-    worker_died,
 )
+from .execution import GRACE_SECONDS, WAIT_SLICE_SECONDS
 
 __all__ = ["ParallelExecution"]
 
@@ -65,6 +56,11 @@ class ParallelExecution(ExecutionBackend):
             else ``spawn``.
         threads_per_worker: native threads (BLAS, OpenMP) each process worker may
             use; default its share of the CPUs (``cpus // max_workers``, at least 1).
+
+    On Ctrl-C ``run()`` raises ``KeyboardInterrupt`` within about a second, with
+    every finished run in ``exc.partial_result``: runs not started are dropped,
+    runs that finish within a short grace are kept, process workers are terminated
+    (their steps' ``teardown()`` does not run) and threads take no new run.
 
     Raises:
         ConfigurationError: (a ``ValueError``) an option is out of range, naming it.
@@ -117,126 +113,90 @@ class ParallelExecution(ExecutionBackend):
 
     # -- threads --------------------------------------------------------------
     def _threads(self, experiment: Any, plan: Sequence[RunSpec]) -> Iterator[RunResult]:
-        workers = self.max_workers or min(32, (os.cpu_count() or 1) + 4)
-        specs = iter(plan)
-        with steps_set_up(experiment) as host, ThreadPoolExecutor(workers, thread_name_prefix="crystallize") as pool:
-            running: set[Future[RunResult]] = set()
-            while True:
-                for spec in specs:  # keep a bounded number of runs in flight
-                    running.add(pool.submit(host.run, spec.replicate, spec.condition))
-                    if len(running) >= workers * 4:
-                        break
-                if not running:
-                    return
-                finished, running = wait(running, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    yield future.result()
+        workers = min(self.max_workers or min(32, (os.cpu_count() or 1) + 4), max(1, len(plan)))
+        with steps_set_up(experiment) as host:
+            pool = _ThreadRuns(host, plan, workers)
+            try:
+                yield from pool.results()
+            except KeyboardInterrupt:
+                pool.stop()
+                yield from pool.results(timeout=GRACE_SECONDS)
+                raise
+            finally:
+                pool.stop()
 
     # -- processes ------------------------------------------------------------
     def _processes(self, experiment: Any, plan: Sequence[RunSpec]) -> Iterator[RunResult]:
-        blob = serialize_experiment(experiment, backend="process")  # fails before any work
-        workers = self.max_workers or os.cpu_count() or 1
-        size = self.batch_size or max(1, min(256, len(plan) // (workers * 8)))
-        queue: deque[list[RunSpec]] = deque(batched(plan, size))
-        suspects: deque[list[RunSpec]] = deque()
-        attempts: Counter[RunSpec] = Counter()
-        while queue or suspects:
-            with self._pool(blob, workers) as pool:
-                try:
-                    yield from self._isolate(pool, suspects, attempts)
-                    yield from self._stream(pool, queue, suspects, attempts, workers)
-                except BrokenProcessPool:
-                    continue
+        return run_in_processes(
+            experiment, plan, workers=self.max_workers or os.cpu_count() or 1, batch_size=self.batch_size,
+            max_retries=self.max_retries, start_method=self.start_method,
+            threads_per_worker=self.threads_per_worker)
 
-    def _pool(self, blob: bytes, workers: int) -> ProcessPoolExecutor:
-        method = self.start_method or ("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-        threads = self.threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
-        return ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context(method),
-            initializer=_init_worker, initargs=(blob, threads),
-        )
 
-    def _stream(
-        self,
-        pool: ProcessPoolExecutor,
-        queue: deque[list[RunSpec]],
-        suspects: deque[list[RunSpec]],
-        attempts: Counter[RunSpec],
-        workers: int,
-    ) -> Iterator[RunResult]:
-        running: dict[Future[bytes], list[RunSpec]] = {}
+class _Raised:
+    """What a worker thread raised (a bug in the runner, or a step's KeyboardInterrupt)."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+_EXITED = object()  # a worker thread's last message
+
+
+class _ThreadRuns:
+    """A fixed set of daemon threads, each taking the next run of the plan until none is left.
+
+    Daemon threads, not a ``ThreadPoolExecutor``: after Ctrl-C a thread may still be
+    inside a long run, and the interpreter must be able to exit without waiting for it.
+    """
+
+    def __init__(self, host: SetUpSteps, plan: Sequence[RunSpec], workers: int) -> None:
+        self._host = host
+        self._specs = iter(plan)
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._alive = workers
+        for i in range(workers):
+            threading.Thread(target=self._work, name=f"crystallize-{i}", daemon=True).start()
+
+    def _work(self) -> None:
         try:
-            while queue or running:
-                while queue and len(running) < workers * 2:
-                    future = pool.submit(_run_batch, queue[0])
-                    running[future] = queue.popleft()
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    results = unpack_results(future.result())  # raises BrokenProcessPool if a worker died
-                    del running[future]
-                    yield from results
-        except BrokenProcessPool:
-            # Every batch in flight failed with the pool; which run killed it is
-            # unknown, so those batches are retried in isolation (see _isolate).
-            for batch in running.values():
-                attempts.update(batch)
-                suspects.append(batch)
-            raise
+            while not self._stopping.is_set():
+                with self._lock:
+                    spec = next(self._specs, None)
+                if spec is None:
+                    return
+                self._inbox.put(self._host.run(spec.replicate, spec.condition))
+        except BaseException as exc:  # re-raised in the driver
+            self._inbox.put(_Raised(exc))
+        finally:
+            self._inbox.put(_EXITED)
 
-    def _isolate(
-        self, pool: ProcessPoolExecutor, suspects: deque[list[RunSpec]], attempts: Counter[RunSpec]
-    ) -> Iterator[RunResult]:
-        """Run suspect batches one at a time, halving any that kills its worker.
+    def results(self, timeout: float | None = None) -> Iterator[RunResult]:
+        """Yield results until every thread has exited, or until ``timeout`` seconds passed.
 
-        Alone in the pool, a batch that breaks it surely holds a run that kills its
-        worker; halving finds that run in a logarithmic number of pool restarts
-        while the innocent runs of the batch complete.
+        With a timeout (after :meth:`stop`), what a thread raised is dropped: the
+        driver is already stopping.
         """
-        while suspects:
-            group = suspects[0]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._alive:
+            wait = WAIT_SLICE_SECONDS if deadline is None else min(WAIT_SLICE_SECONDS, deadline - time.monotonic())
+            if wait <= 0:
+                return
             try:
-                runs = unpack_results(pool.submit(_run_batch, group).result())
-            except BrokenProcessPool:
-                suspects.popleft()
-                if len(group) > 1:
-                    half = len(group) // 2
-                    suspects.extendleft([group[half:], group[:half]])
-                    raise
-                (spec,) = group
-                attempts[spec] += 1
-                if attempts[spec] > self.max_retries:
-                    yield worker_died(spec, attempts[spec], "worker process exited abruptly")
-                else:
-                    suspects.appendleft(group)
-                raise
-            suspects.popleft()
-            for run in runs:
-                run.attempts = attempts[RunSpec(run.replicate, run.condition)] + 1
-                yield run
+                item = self._inbox.get(timeout=wait)
+            except queue.Empty:
+                continue
+            if item is _EXITED:
+                self._alive -= 1
+            elif isinstance(item, _Raised):
+                if deadline is None:
+                    self.stop()
+                    raise item.exc
+            else:
+                yield item
 
-
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(blob: bytes, threads: int) -> None:
-    limit_native_threads(threads)
-    try:
-        experiment = deserialize_experiment(blob)
-    except Exception as exc:
-        # An initializer that raises breaks the pool, which looks like a crashed run
-        # and is retried run by run. Keep the error for the first task to raise in
-        # the driver instead.
-        _WORKER["error"] = exc
-        return
-    setup = steps_set_up(experiment)
-    # A failing setup() is kept by the host and recorded on every run.
-    _WORKER["host"] = setup.__enter__()
-    # Tear the steps down when this worker process exits normally.
-    Finalize(experiment, setup.__exit__, args=(None, None, None), exitpriority=10)
-
-
-def _run_batch(batch: list[RunSpec]) -> bytes:
-    if "error" in _WORKER:
-        raise _WORKER["error"]
-    host = _WORKER["host"]
-    return pack_results([host.run(spec.replicate, spec.condition) for spec in batch])
+    def stop(self) -> None:
+        """No thread starts another run; a run in progress finishes in the background."""
+        self._stopping.set()

@@ -12,7 +12,14 @@ import logging
 from collections import OrderedDict
 from typing import Any
 
-from crystallize.backend import RunSpec, deserialize_experiment, pack_results, steps_set_up
+from crystallize import SerializationError
+from crystallize.backend import (
+    RunSpec,
+    deserialize_experiment,
+    is_interrupt,
+    pack_results,
+    steps_set_up,
+)
 
 log = logging.getLogger("crystallize_ray")
 
@@ -29,14 +36,34 @@ def _experiment(ref: Any) -> Any:
         return _LOADED[key][0]
     import ray
 
-    experiment = deserialize_experiment(ray.get(ref))
+    try:
+        experiment = deserialize_experiment(ray.get(ref))
+    except BaseException as exc:
+        if isinstance(exc, Exception) or is_interrupt(exc):
+            raise
+        # sys.exit() while unpickling would take the worker down and look like a
+        # crash, retried again and again; it fails this task's runs instead.
+        raise SerializationError(
+            f"A Ray worker could not load the experiment: unpickling it raised "
+            f"{type(exc).__name__}: {exc}. Check the __setstate__ or __reduce__ of the "
+            f"experiment's steps and datasource, or run it under SerialExecution.") from exc
     setup = steps_set_up(experiment)
     host = setup.__enter__()  # a failing setup() is recorded on every run by the host
     _LOADED[key] = (host, setup)
     while len(_LOADED) > _KEEP:
         _, (_, old) = _LOADED.popitem(last=False)
-        old.__exit__(None, None, None)
+        _tear_down(old)
     return host
+
+
+def _tear_down(setup: Any) -> None:
+    """Tear an evicted experiment's steps down; nothing it raises reaches the task."""
+    try:
+        setup.__exit__(None, None, None)
+    except BaseException as exc:  # even sys.exit(): this task's own runs are unaffected
+        if is_interrupt(exc):
+            raise
+        log.exception("Tearing down an experiment's steps in a Ray worker failed")
 
 
 def make_task(holder: list[Any], retry_errors: int) -> Any:
@@ -81,7 +108,4 @@ def spec_pairs(specs: list[RunSpec]) -> list[tuple[int, str]]:
 def _teardown_all() -> None:
     while _LOADED:
         _, (_, setup) = _LOADED.popitem()
-        try:
-            setup.__exit__(None, None, None)
-        except Exception:  # teardown errors are logged by the host; this is a last guard
-            log.exception("Tearing down an experiment's steps at worker exit failed")
+        _tear_down(setup)

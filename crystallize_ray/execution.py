@@ -7,6 +7,12 @@ tasks are outstanding, so an experiment of 100,000 runs never holds 100,000 futu
 Tasks lost with their worker process or node are retried by Ray (``max_retries``);
 a batch that still fails is split and its runs retried alone, so only the run that
 really cannot complete is recorded as failed.
+
+On Ctrl-C no new task is submitted, the tasks that are done within a short grace
+are collected, every other outstanding task is cancelled (``ray.cancel(force=True)``
+kills the worker of a running one), and an embedded Ray this backend started is
+shut down before ``KeyboardInterrupt`` propagates; a second Ctrl-C does not leave
+tasks behind.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -38,6 +45,12 @@ __all__ = ["RayExecution"]
 INSTALL_HINT = "pip install 'crystallize-lab[ray]'"
 _TARGET_BATCH_SECONDS = 0.05
 _MAX_BATCH = 256
+#: On Ctrl-C, how long tasks already in flight may still come back and be kept.
+GRACE_SECONDS = 0.5
+# ray.wait notices Ctrl-C only about once a second; waiting in slices bounds that.
+_WAIT_SLICE_SECONDS = 0.2
+
+log = logging.getLogger("crystallize_ray")
 
 
 def import_ray() -> Any:
@@ -55,6 +68,10 @@ class RayExecution(ExecutionBackend):
     Connecting: if Ray is already initialised in this process it is used as is;
     otherwise ``address``, else ``$RAY_ADDRESS``, else an embedded local Ray is
     started. Whatever this backend started is shut down at the end of ``run()``.
+
+    On Ctrl-C ``run()`` raises ``KeyboardInterrupt`` within about a second with the
+    finished runs in ``exc.partial_result``: tasks not yet done are cancelled
+    (running ones by killing their worker), and an embedded Ray is shut down.
 
     Args:
         address: a Ray cluster address (``"auto"``, ``"ray://host:10001"``...).
@@ -182,38 +199,89 @@ class RayExecution(ExecutionBackend):
         pending: deque[RunSpec] = deque(plan)
         singles: deque[RunSpec] = deque()  # runs of failed batches, retried alone
         running: dict[Any, list[RunSpec]] = {}
+        ready: deque[RunResult] = deque()  # back, not yet yielded
 
         def submit(batch: list[RunSpec]) -> None:
             ref = task.options(name=_label(job.name, batch)).remote(_worker.spec_pairs(batch))
             running[ref] = batch
 
-        while pending or singles or running:
-            while singles and len(running) < limit:
-                submit([singles.popleft()])
-            while pending and len(running) < limit:
-                size = sizer.next_size(len(pending))
-                submit([pending.popleft() for _ in range(min(size, len(pending)))])
-            ready, _ = ray.wait(list(running), num_returns=1)
-            for ref in ready:
-                batch = running.pop(ref)
+        def harvest(ref: Any) -> None:
+            ready.extend(self._results(ray, ref, running[ref], singles, sizer))
+            del running[ref]
+
+        try:
+            while pending or singles or running:
+                while singles and len(running) < limit:
+                    submit([singles.popleft()])
+                while pending and len(running) < limit:
+                    size = sizer.next_size(len(pending))
+                    submit([pending.popleft() for _ in range(min(size, len(pending)))])
+                done: list[Any] = []
+                while not done:
+                    done, _ = ray.wait(list(running), num_returns=1, timeout=_WAIT_SLICE_SECONDS)
+                for ref in done:
+                    harvest(ref)
+                while ready:
+                    yield ready.popleft()
+        except KeyboardInterrupt:
+            try:  # keep the tasks that come back within the grace, and only their runs
+                deadline = time.monotonic() + GRACE_SECONDS
+                while running and (left := deadline - time.monotonic()) > 0:
+                    done, _ = ray.wait(list(running), num_returns=1, timeout=min(left, _WAIT_SLICE_SECONDS))
+                    for ref in done:
+                        del running[ref]
+                        try:
+                            ready.extend(unpack_results(ray.get(ref)))
+                        except ray.exceptions.RayError:
+                            pass  # it did not finish: a worker lost, or cancelled by Ctrl-C too
+            finally:
+                _cancel(ray, running)
+            while ready:
+                yield ready.popleft()
+            raise
+        finally:
+            _cancel(ray, running)  # on any other way out, too
+
+    def _results(self, ray: Any, ref: Any, batch: list[RunSpec], singles: deque[RunSpec],
+                 sizer: _BatchSizer) -> list[RunResult]:
+        """What a finished task brought back: its runs, failure records, or nothing (retried)."""
+        try:
+            results = unpack_results(ray.get(ref))
+        except ray.exceptions.RayTaskError as exc:
+            # The task body itself raised: e.g. the experiment could not be loaded on
+            # that node. Retrying would fail the same way.
+            cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+            return [failed_run(spec, "worker", type(cause).__name__, str(cause), traceback=str(exc))
+                    for spec in batch]
+        except ray.exceptions.RayError as exc:
+            if len(batch) > 1:
+                singles.extend(batch)
+                return []
+            return [worker_died(batch[0], self.max_retries + 1, _describe(exc))]
+        sizer.observe(results)
+        return results
+
+
+def _cancel(ray: Any, running: dict[Any, list[RunSpec]]) -> None:
+    """Cancel every outstanding task, killing the worker of a running one; idempotent.
+
+    A second Ctrl-C does not cut this short: it would leave tasks running on the
+    cluster after the driver gave up on them.
+    """
+    interrupted: KeyboardInterrupt | None = None
+    while running:
+        try:
+            while running:
+                ref = next(iter(running))
                 try:
-                    results = unpack_results(ray.get(ref))
-                except ray.exceptions.RayTaskError as exc:
-                    # The task body itself raised: e.g. the experiment could not be
-                    # loaded on that node. Retrying would fail the same way.
-                    cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-                    for spec in batch:
-                        yield failed_run(spec, "worker", type(cause).__name__, str(cause),
-                                         traceback=str(exc))
-                    continue
-                except ray.exceptions.RayError as exc:
-                    if len(batch) > 1:
-                        singles.extend(batch)
-                        continue
-                    yield worker_died(batch[0], self.max_retries + 1, _describe(exc))
-                    continue
-                sizer.observe(results)
-                yield from results
+                    ray.cancel(ref, force=True)
+                except Exception as exc:  # e.g. already finished and freed
+                    log.debug("Could not cancel task %s: %s", ref, exc)
+                del running[ref]
+        except KeyboardInterrupt as exc:
+            interrupted = exc
+    if interrupted is not None:
+        raise interrupted
 
 
 def _non_negative(value: Any) -> bool:
