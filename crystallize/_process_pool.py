@@ -40,7 +40,7 @@ from .backend import (
     worker_died,
 )
 from .errors import SerializationError
-from .execution import GRACE_SECONDS, WAIT_SLICE_SECONDS
+from .backend import GRACE_SECONDS, WAIT_SLICE_SECONDS
 
 __all__ = ["ProcessRuns", "finish_despite_interrupts", "run_in_processes"]
 

@@ -71,6 +71,8 @@ from .signing import CacheKeyError, cache_key
 from .stores import KeyedStore, default_cache_store
 
 __all__ = [
+    "GRACE_SECONDS",
+    "WAIT_SLICE_SECONDS",
     "ConfigurationError",
     "ExecutionBackend",
     "RunResult",
@@ -94,6 +96,13 @@ __all__ = [
     "unpack_results",
     "worker_died",
 ]
+
+
+#: On Ctrl-C, how long runs already in flight may still come back and be kept.
+GRACE_SECONDS = 0.5
+#: The longest a driver thread should block at once. Python runs signal handlers in
+#: the main thread only, when it wakes up; this bounds how late Ctrl-C is noticed.
+WAIT_SLICE_SECONDS = 0.2
 
 
 class ExecutionBackend(BasePlugin, abc.ABC):
@@ -124,9 +133,16 @@ class ExecutionBackend(BasePlugin, abc.ABC):
                 :class:`RunnableExperiment`).
             plan: the runs to execute.
 
+        Ctrl-C: a ``KeyboardInterrupt`` may be raised inside ``execute`` (the main
+        thread woke up in a wait: block at most :data:`WAIT_SLICE_SECONDS` at a time) or
+        thrown in at its ``yield`` (the driver was handling a result). Either way:
+        start no new run, yield the runs that finish within :data:`GRACE_SECONDS`, stop
+        the workers you own (even if a second Ctrl-C arrives meanwhile; never wait
+        without a timeout), then re-raise. The driver attaches every run it received to
+        the exception as ``partial_result``.
+
         Raises:
-            KeyboardInterrupt: on Ctrl-C, after cancelling what has not started and
-                stopping any worker it owns.
+            KeyboardInterrupt: on Ctrl-C, after the steps above.
         """
 
     async def aexecute(self, experiment: Any, plan: Sequence[RunSpec]) -> AsyncIterator[RunResult]:

@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from typing import Any
 
 from .backend import (
+    GRACE_SECONDS,
+    WAIT_SLICE_SECONDS,
     ExecutionBackend,
     RunResult,
     RunSpec,
@@ -25,13 +27,6 @@ from .backend import (
 )
 
 __all__ = ["AsyncExecution", "ExecutionBackend", "SerialExecution"]
-
-#: On Ctrl-C, how long runs already in flight may still come back and be kept.
-GRACE_SECONDS = 0.5
-#: The longest a driver thread blocks at once. Python runs signal handlers in the
-#: main thread only, when it wakes up; where the OS hands SIGINT to another thread,
-#: this bounds how late Ctrl-C is noticed.
-WAIT_SLICE_SECONDS = 0.2
 
 
 class SerialExecution(ExecutionBackend):

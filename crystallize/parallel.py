@@ -32,7 +32,7 @@ from .backend import (
     is_int,
     steps_set_up,
 )
-from .execution import GRACE_SECONDS, WAIT_SLICE_SECONDS
+from .backend import GRACE_SECONDS, WAIT_SLICE_SECONDS
 
 __all__ = ["ParallelExecution"]
 

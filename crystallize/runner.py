@@ -226,8 +226,11 @@ class SetUpSteps:
             step = self._done.pop()
             try:
                 step.teardown(self._ctx)
-            except Exception:
-                log.exception("Step %r: teardown() raised; the results are unaffected.", step.name)
+            except BaseException as exc:  # sys.exit() in a teardown must not escape run()
+                if is_interrupt(exc):
+                    raise
+                log.error("Step %r: teardown() raised; the results are unaffected.", step.name,
+                          exc_info=exc)
 
     def run(self, replicate: int, condition: str) -> RunResult:
         """:func:`execute_run`, or the set-up failure recorded on this run."""

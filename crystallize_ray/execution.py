@@ -26,6 +26,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from crystallize.backend import (
+    GRACE_SECONDS,
+    WAIT_SLICE_SECONDS,
     ExecutionBackend,
     RunResult,
     RunSpec,
@@ -45,10 +47,6 @@ __all__ = ["RayExecution"]
 INSTALL_HINT = "pip install 'crystallize-lab[ray]'"
 _TARGET_BATCH_SECONDS = 0.05
 _MAX_BATCH = 256
-#: On Ctrl-C, how long tasks already in flight may still come back and be kept.
-GRACE_SECONDS = 0.5
-# ray.wait notices Ctrl-C only about once a second; waiting in slices bounds that.
-_WAIT_SLICE_SECONDS = 0.2
 
 log = logging.getLogger("crystallize_ray")
 
@@ -218,7 +216,7 @@ class RayExecution(ExecutionBackend):
                     submit([pending.popleft() for _ in range(min(size, len(pending)))])
                 done: list[Any] = []
                 while not done:
-                    done, _ = ray.wait(list(running), num_returns=1, timeout=_WAIT_SLICE_SECONDS)
+                    done, _ = ray.wait(list(running), num_returns=1, timeout=WAIT_SLICE_SECONDS)
                 for ref in done:
                     harvest(ref)
                 while ready:
@@ -227,7 +225,7 @@ class RayExecution(ExecutionBackend):
             try:  # keep the tasks that come back within the grace, and only their runs
                 deadline = time.monotonic() + GRACE_SECONDS
                 while running and (left := deadline - time.monotonic()) > 0:
-                    done, _ = ray.wait(list(running), num_returns=1, timeout=min(left, _WAIT_SLICE_SECONDS))
+                    done, _ = ray.wait(list(running), num_returns=1, timeout=min(left, WAIT_SLICE_SECONDS))
                     for ref in done:
                         del running[ref]
                         try:

@@ -17,6 +17,8 @@ import crystallize.backend
 ROOT = Path(__file__).resolve().parent.parent
 
 BACKEND_PUBLIC = [
+    "GRACE_SECONDS",
+    "WAIT_SLICE_SECONDS",
     "ConfigurationError",
     "ExecutionBackend",
     "RunResult",

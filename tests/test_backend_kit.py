@@ -239,3 +239,18 @@ def test_thread_pool_with_seed_plugin_imports_numpy_once_in_the_driver(tmp_path)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["0", "50"]
+
+
+class ExitInTeardown(PipelineStep):
+    def __call__(self, data, ctx):
+        return data, {"ok": 1}
+
+    def teardown(self, ctx):
+        raise SystemExit(3)
+
+
+def test_sys_exit_in_a_teardown_does_not_escape_run(caplog):
+    with caplog.at_level(logging.ERROR, logger="crystallize"):
+        result = Experiment(lambda ctx: 1, Pipeline([ExitInTeardown()])).run(replicates=2)
+    assert result.metrics.baseline.metrics == {"ok": [1, 1]}
+    assert any("ExitInTeardown" in r.getMessage() for r in caplog.records)
