@@ -1,58 +1,73 @@
-"""The process pool behind ``ParallelExecution(executor_type="process")``.
+"""The process pool behind ``ParallelExecution(executor_type="process")``: the driver's side.
 
-The experiment travels once per worker process (the pool's initializer argument);
-each task then carries only a batch of ``(replicate, condition)`` pairs. A worker
-that dies takes the whole ``concurrent.futures`` pool down; the batches that were
-in flight are then retried alone in a fresh pool, halving any batch that breaks it
-again, so the run that kills its worker is found exactly and every other run
-finishes.
+The pool is ours rather than ``concurrent.futures``': each worker has its own pipe
+and a small shared array saying which run it is in and since when (the worker's side
+is ``crystallize/_process_worker.py``). So the driver knows, for every worker:
 
-On Ctrl-C nothing new starts, the batches that come back within a short grace
-(``GRACE_SECONDS``) are kept, and every worker is terminated (then killed if it
-lingers) before ``KeyboardInterrupt`` propagates; a second Ctrl-C does not cut that
-short. Workers ignore SIGINT themselves: a terminal sends it to the whole process
-group, and the driver alone decides what stops.
+* which run it is executing: a worker that dies is replaced, the run it died in is
+  retried alone (and recorded as a ``WorkerCrashedError`` after ``max_retries``
+  deaths), and every other run it held is simply run again elsewhere;
+* how long that run has taken: with ``timeout=``, an overdue run's worker is asked
+  where it is (a signal; it writes the step and line), killed and replaced; the run
+  is recorded as a ``TimeoutError`` naming the step, and the other runs go on;
+* how many runs it has served: with ``max_runs_per_worker=``, a worker that reached
+  the limit is told to exit (its steps are torn down) and a fresh one takes its place,
+  so a step that leaks memory cannot grow one process without bound.
+
+The experiment travels once per worker (the process's start arguments); a batch
+carries only ``(replicate, condition)`` pairs, and results stream back as runs finish.
+
+On Ctrl-C nothing new starts (workers see a shared flag before each run), the runs
+that come back within ``GRACE_SECONDS`` are kept, and every worker is terminated
+(then killed if it lingers) before ``KeyboardInterrupt`` propagates; a second Ctrl-C
+does not cut that short.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
-from multiprocessing.util import Finalize
+from multiprocessing.connection import wait
 from typing import Any
 
-from ._native import limit_native_threads
+from ._process_worker import (
+    DRIVER_ENDS,
+    REPORT_BYTES,
+    REPORT_SIGNAL,
+    read_report,
+    serve,
+    step_of,
+)
 from .backend import (
+    GRACE_SECONDS,
+    WAIT_SLICE_SECONDS,
     RunResult,
     RunSpec,
-    batched,
-    deserialize_experiment,
-    pack_results,
     serialize_experiment,
-    steps_set_up,
+    timed_out,
     unpack_results,
     worker_died,
 )
-from .errors import SerializationError
-from .backend import GRACE_SECONDS, WAIT_SLICE_SECONDS
 
 __all__ = ["ProcessRuns", "finish_despite_interrupts", "run_in_processes"]
 
 #: How long terminated workers get to exit before they are killed.
 _TERMINATE_SECONDS = 2.0
+#: How long a worker asked where its overdue run is may take to answer before it is killed.
+_REPORT_SECONDS = 1.0
+#: Batches sent ahead to each worker, so it never waits for the driver between batches.
+_QUEUED = 2
 
 
 def run_in_processes(
     experiment: Any, plan: Sequence[RunSpec], *, workers: int, batch_size: int | None, max_retries: int,
-    start_method: str | None, threads_per_worker: int | None,
+    start_method: str | None, threads_per_worker: int | None, timeout: float | None = None,
+    max_runs_per_worker: int | None = None,
 ) -> Iterator[RunResult]:
-    """Yield one result per spec of ``plan``, computed on a process pool.
+    """Yield one result per spec of ``plan``, computed on a pool of worker processes.
 
     Raises:
         SerializationError: the experiment cannot be pickled (before any work starts).
@@ -62,13 +77,10 @@ def run_in_processes(
     blob = serialize_experiment(experiment, backend="process")  # fails before any work
     method = start_method or ("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     threads = threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
-
-    def new_pool() -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
-                                   initializer=_init_worker, initargs=(blob, threads))
-
     size = batch_size or max(1, min(256, len(plan) // (workers * 8)))
-    runs = ProcessRuns(new_pool, batched(plan, size), workers=workers, max_retries=max_retries)
+    runs = ProcessRuns(multiprocessing.get_context(method), blob, threads, plan, workers=workers, size=size,
+                       max_retries=max_retries, timeout=timeout, max_runs=max_runs_per_worker,
+                       steps=[step.name for step in experiment.pipeline.steps])
     try:
         while not runs.done:
             runs.advance()
@@ -84,137 +96,269 @@ def run_in_processes(
         runs.stop()  # on any way out but the normal one; a no-op after close()
 
 
+class _Batch:
+    __slots__ = ("back", "seq", "specs")
+
+    def __init__(self, seq: int, specs: list[RunSpec]) -> None:
+        self.seq, self.specs, self.back = seq, specs, 0  # back: how many results came back
+
+
+class _Worker:
+    """One worker process: its pipe, its shared state and the batches it holds."""
+
+    def __init__(self, mp: Any, blob: bytes, threads: int, stopping: Any) -> None:
+        self.conn, theirs = mp.Pipe()
+        self.state = mp.RawArray("d", 5)  # see crystallize/_process_worker.py
+        self.state[1] = -1
+        self.report = mp.RawArray("c", REPORT_BYTES)
+        self.process = mp.Process(target=serve, name="crystallize-worker", daemon=False,
+                                  args=(theirs, blob, threads, self.state, self.report, stopping, os.getpid()))
+        DRIVER_ENDS.add(self.conn)
+        try:
+            self.process.start()
+        finally:
+            theirs.close()
+        self.batches: deque[_Batch] = deque()
+        self.served = 0  # runs sent to it
+        self.asked: tuple[float, float, float] | None = None  # (when, batch, position) of a timeout question
+
+    def running(self) -> tuple[int, int, float] | None:
+        """``(batch, position, started)`` of the run it is executing, or ``None``."""
+        position = self.state[1]
+        batch, started = self.state[0], self.state[2]
+        if position < 0 or self.state[1] != position:  # between runs, or it just moved on
+            return None
+        return int(batch), int(position), started
+
+    def close(self) -> None:
+        DRIVER_ENDS.discard(self.conn)
+        self.conn.close()
+
+
 class ProcessRuns:
-    """The batches of one ``run()`` and the pool they run on; results land in ``ready``.
+    """The runs of one ``run()`` and the workers they run on; results land in ``ready``."""
 
-    A pool that a dying worker broke is replaced by a fresh one on the next
-    :meth:`advance`. The batches in flight when it broke become *suspects*, run one
-    at a time: alone in the pool, a batch that breaks it surely holds a run that
-    kills its worker, and halving it finds that run in a logarithmic number of pool
-    restarts while the innocent runs complete.
-    """
-
-    def __init__(self, new_pool: Callable[[], ProcessPoolExecutor], batches: list[list[RunSpec]], *,
-                 workers: int, max_retries: int) -> None:
-        self._new_pool = new_pool
-        self._workers = workers
-        self._max_retries = max_retries
-        self.queue: deque[list[RunSpec]] = deque(batches)
-        self.suspects: deque[list[RunSpec]] = deque()
-        self.attempts: Counter[RunSpec] = Counter()
+    def __init__(self, mp: Any, blob: bytes, threads: int, plan: Sequence[RunSpec], *, workers: int, size: int,
+                 max_retries: int, timeout: float | None, max_runs: int | None, steps: Sequence[str] = ()) -> None:
+        self._stopping = mp.RawValue("b", 0)  # set on Ctrl-C: workers start no new run
+        self._start = lambda: _Worker(mp, blob, threads, self._stopping)
+        self._steps = list(steps)
+        self._most = max(1, min(workers, -(-len(plan) // size)))
+        self._size = size if max_runs is None else min(size, max_runs)
+        self._max_retries, self._timeout, self._max_runs = max_retries, timeout, max_runs
+        self.todo: deque[RunSpec] = deque(plan)
+        self.retry: deque[RunSpec] = deque()  # runs a worker died in, each run again alone
+        self.deaths: Counter[RunSpec] = Counter()
         self.ready: deque[RunResult] = deque()
-        self.running: dict[Future[bytes], tuple[list[RunSpec], bool]] = {}  # -> (batch, isolated)
-        self.pool: ProcessPoolExecutor | None = None
-        self._processes: dict[int, Any] = {}
+        self.workers: list[_Worker] = []
+        self.leaving: list[_Worker] = []  # told to exit; joined at the end
+        self._seq = 0
 
     @property
     def done(self) -> bool:
-        """Whether every batch has come back (its results may still be in ``ready``)."""
-        return not (self.queue or self.suspects or self.running)
+        """Whether every run has come back (its result may still be in ``ready``)."""
+        return not (self.todo or self.retry or any(w.batches for w in self.workers))
 
     def advance(self) -> None:
-        """Submit what fits, then block until at least one batch is back (or the pool broke)."""
-        if self.pool is None:
-            self.pool = self._new_pool()
-            # ProcessPoolExecutor.shutdown() drops its map of worker processes, which
-            # stop() needs; keep the map itself (Python 3.14 has terminate_workers()).
-            self._processes = self.pool._processes  # type: ignore[assignment]
-        try:
-            if self.suspects:
-                if not self.running:
-                    self._submit(self.suspects[0], isolated=True)
-            else:
-                while self.queue and len(self.running) < self._workers * 2:
-                    self._submit(self.queue.popleft(), isolated=False)
-            finished: set[Future[bytes]] = set()
-            while not finished:
-                finished, _ = wait(self.running, timeout=WAIT_SLICE_SECONDS, return_when=FIRST_COMPLETED)
-            for future in finished:
-                self._harvest(future)
-        except BrokenProcessPool:
-            self._broken()
+        """Hand out work, then wait (a slice at most) for results, deaths and overdue runs."""
+        self._assign()
+        owners = {w.conn: w for w in self.workers}
+        owners.update({w.process.sentinel: w for w in self.workers})
+        for ready in wait(list(owners), timeout=self._wait_slice()):
+            if owners[ready] in self.workers:  # not lost while an earlier one was drained
+                self._drain(owners[ready])
+        if self._timeout is not None:
+            self._enforce_timeout()
 
     def close(self) -> None:
-        """The normal end: idle workers exit by themselves and tear their steps down."""
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
-            self.pool = None
+        """The normal end: workers exit by themselves and tear their steps down."""
+        for worker in list(self.workers):
+            self._retire(worker)
+        for worker in self.leaving:
+            while worker.process.exitcode is None:
+                worker.process.join(WAIT_SLICE_SECONDS)  # short waits: Ctrl-C is noticed
+            worker.close()
+        self.leaving = []
 
     def interrupt(self) -> None:
         """Ctrl-C: start nothing new, keep what comes back within the grace, stop the workers."""
         try:
-            if self.pool is not None:
-                self.pool.shutdown(wait=False, cancel_futures=True)
-                deadline = time.monotonic() + GRACE_SECONDS
-                while self.running:
-                    finished, _ = wait(self.running, timeout=max(0.0, deadline - time.monotonic()),
-                                       return_when=FIRST_COMPLETED)
-                    if not finished:
-                        break
-                    for future in finished:
-                        if future.cancelled() or future.exception() is not None:
-                            del self.running[future]
-                        else:
-                            self._harvest(future)
+            self._stopping.value = 1
+            deadline = time.monotonic() + GRACE_SECONDS
+            while any(w.batches for w in self.workers) and (left := deadline - time.monotonic()) > 0:
+                owners = {w.conn: w for w in self.workers if w.batches}
+                for ready in wait(list(owners), timeout=left):
+                    try:
+                        self._drain(owners[ready], retry=False)
+                    except Exception:  # what a worker raised no longer matters: we are stopping
+                        owners[ready].batches.clear()
         finally:
             self.stop()
 
     def stop(self) -> None:
         """Terminate every worker now, killing those that linger; idempotent."""
-        pool, self.pool = self.pool, None
-        if pool is None:
+        workers, self.workers, self.leaving = self.workers + self.leaving, [], []
+        if not workers:
             return
-        processes = list(self._processes.values())
         deadline = time.monotonic() + _TERMINATE_SECONDS
+        finish_despite_interrupts(lambda: _stop_processes([w.process for w in workers], deadline))
+        for worker in workers:
+            worker.close()
 
-        def stop_all() -> None:
-            pool.shutdown(wait=False, cancel_futures=True)
-            _stop_processes(processes, deadline)
+    # -- handing out work -----------------------------------------------------
+    def _assign(self) -> None:
+        for worker in list(self.workers):
+            if self._max_runs is not None and worker.served >= self._max_runs and not worker.batches:
+                self._retire(worker)  # it served its runs: a fresh process takes its place
+        while len(self.workers) < self._most and (self.todo or self.retry):
+            self.workers.append(self._start())
+        for worker in self.workers:
+            while len(worker.batches) < _QUEUED and (self.todo or self.retry):
+                room = self._size if self._max_runs is None else min(self._size, self._max_runs - worker.served)
+                if room <= 0:
+                    break
+                if self.retry:  # alone, so a second death is surely its own
+                    if worker.batches:
+                        break
+                    specs = [self.retry.popleft()]
+                else:
+                    specs = [self.todo.popleft() for _ in range(min(room, len(self.todo)))]
+                self._seq += 1
+                worker.batches.append(_Batch(self._seq, specs))
+                worker.served += len(specs)
+                try:
+                    worker.conn.send((self._seq, specs))
+                except OSError:  # it died: its sentinel is ready, and the runs are handed out again
+                    break
 
-        finish_despite_interrupts(stop_all)
-        self.running.clear()
+    def _retire(self, worker: _Worker) -> None:
+        try:
+            worker.conn.send(None)
+        except OSError:
+            pass
+        if worker in self.workers:
+            self.workers.remove(worker)
+        self.leaving.append(worker)
 
-    # -- internals ------------------------------------------------------------
-    def _submit(self, batch: list[RunSpec], *, isolated: bool) -> None:
-        assert self.pool is not None
-        self.running[self.pool.submit(_run_batch, batch)] = (batch, isolated)
+    def _wait_slice(self) -> float:
+        if self._timeout is None:
+            return WAIT_SLICE_SECONDS
+        now, soonest = time.monotonic(), WAIT_SLICE_SECONDS
+        for worker in self.workers:
+            if worker.asked is not None:
+                return 0.02  # an answer is due
+            running = worker.running()
+            if running is not None:
+                soonest = min(soonest, running[2] + self._timeout - now)
+        return max(0.0, soonest)
 
-    def _harvest(self, future: Future[bytes]) -> None:
-        # Raises BrokenProcessPool if the batch's worker died, and whatever the task
-        # raised otherwise (a worker that could not load the experiment).
-        results = unpack_results(future.result())
-        _, isolated = self.running.pop(future)
-        if isolated:
-            self.suspects.popleft()
+    # -- results, deaths, timeouts --------------------------------------------
+    def _drain(self, worker: _Worker, *, retry: bool = True) -> None:
+        """Receive everything ``worker`` sent; if it died, hand its runs out again."""
+        try:
+            while worker.conn.poll():
+                self._receive(worker, worker.conn.recv())
+        except (EOFError, OSError):
+            pass
+        else:
+            if worker.process.exitcode is None:
+                return
+        worker.process.join()
+        self._lost(worker, retry=retry)
+
+    def _receive(self, worker: _Worker, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "runs":
+            _, seq, packed, complete = message
+            batch = worker.batches[0]
+            assert batch.seq == seq, f"batch {seq} came back while {batch.seq} was expected"
+            results = unpack_results(packed)
             for run in results:
-                run.attempts = self.attempts[RunSpec(run.replicate, run.condition)] + 1
-        self.ready.extend(results)
+                spec = RunSpec(run.replicate, run.condition)
+                if spec in self.deaths:
+                    run.attempts = self.deaths[spec] + 1
+            batch.back += len(results)
+            self.ready.extend(results)
+            if complete:
+                worker.batches.popleft()
+        else:  # "raised" (a step raised KeyboardInterrupt itself) or "failed" (no experiment)
+            raise message[1]
 
-    def _broken(self) -> None:
-        """A worker died: every batch in flight that did not come back is a suspect."""
-        for future, (batch, isolated) in list(self.running.items()):
-            if future.done() and not future.cancelled() and future.exception() is None:
-                self._harvest(future)  # it finished before the pool broke
-                continue
-            del self.running[future]
-            if not isolated:
-                self.attempts.update(batch)
-                self.suspects.append(batch)
-                continue
-            self.suspects.popleft()
-            if len(batch) > 1:
-                half = len(batch) // 2
-                self.suspects.extendleft([batch[half:], batch[:half]])
-                continue
-            (spec,) = batch
-            self.attempts[spec] += 1
-            if self.attempts[spec] > self._max_retries:
-                self.ready.append(worker_died(spec, self.attempts[spec], "worker process exited abruptly"))
+    def _lost(self, worker: _Worker, *, retry: bool = True, blame: bool = True,
+              stopped: RunResult | None = None) -> None:
+        """``worker`` is gone: the run it died in is a suspect, its other runs run again.
+
+        Args:
+            retry: hand its runs out again (``False`` while stopping).
+            blame: it died by itself, so the run it was in counts a death.
+            stopped: the record of the run it was killed in (a timeout).
+        """
+        if worker in self.workers:
+            self.workers.remove(worker)
+        worker.close()
+        running = worker.running() if blame else None
+        culprit = None
+        again: list[RunSpec] = []
+        for batch in worker.batches:
+            left = batch.specs[batch.back:]
+            if blame and culprit is None and left:
+                # The run it was in (or, if it died between runs, the next one) is blamed.
+                at = running[1] if running is not None and running[0] == batch.seq else batch.back
+                culprit = batch.specs[max(at, batch.back)]
+            again.extend(spec for spec in left if spec != culprit and (
+                stopped is None or spec != RunSpec(stopped.replicate, stopped.condition)))
+        worker.batches.clear()
+        if not retry:
+            return
+        if stopped is not None:
+            self.ready.append(stopped)
+        if culprit is not None:
+            self.deaths[culprit] += 1
+            if self.deaths[culprit] > self._max_retries:
+                self.ready.append(worker_died(culprit, self.deaths[culprit], "worker process exited abruptly"))
             else:
-                self.suspects.appendleft(batch)
-        pool, self.pool = self.pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)  # its workers are already gone; the next advance() starts afresh
+                self.retry.append(culprit)
+        self.todo.extendleft(reversed(again))
+
+    def _enforce_timeout(self) -> None:
+        assert self._timeout is not None
+        now = time.monotonic()
+        for worker in list(self.workers):
+            running = worker.running()
+            if running is None or (worker.asked is not None and worker.asked[1:] != running[:2]):
+                worker.asked = None  # the run it was asked about has finished after all
+                worker.state[3] = 0
+            if running is None or now - running[2] <= self._timeout:
+                continue
+            if worker.asked is None and REPORT_SIGNAL is not None:
+                worker.asked = (now, running[0], running[1])
+                worker.state[3] = 0
+                try:
+                    os.kill(worker.process.pid, REPORT_SIGNAL)
+                except OSError:
+                    pass
+                continue
+            if worker.asked is not None and not worker.state[3] and now - worker.asked[0] < _REPORT_SECONDS:
+                continue  # give it a moment to say where it is
+            self._time_out(worker, running)
+
+    def _time_out(self, worker: _Worker, running: tuple[int, int, float]) -> None:
+        answer = read_report(worker.state, worker.report)
+        worker.process.kill()  # before reading state[4]: then it is final
+        worker.process.join()
+        try:  # what it finished before it was killed
+            while worker.conn.poll():
+                self._receive(worker, worker.conn.recv())
+        except (EOFError, OSError):
+            pass
+        batch = next((b for b in worker.batches if b.seq == running[0]), None)
+        if batch is None or running[1] < batch.back:  # it came back after all
+            self._lost(worker, blame=False)
+            return
+        spec = batch.specs[running[1]]
+        step = answer.get("step") or step_of(worker.state, self._steps)  # no answer: stuck in native code
+        result = timed_out(spec, self._timeout or 0.0, step, answer.get("line", ""), answer.get("stack", ""))
+        self._lost(worker, blame=False, stopped=result)
 
 
 def _stop_processes(processes: list[Any], deadline: float) -> None:
@@ -245,39 +389,3 @@ def finish_despite_interrupts(action: Callable[[], None]) -> None:
             interrupted = exc
     if interrupted is not None:
         raise interrupted
-
-
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(blob: bytes, threads: int) -> None:
-    # Ctrl-C in a terminal reaches every process of the foreground group; the driver
-    # keeps what finished and stops the workers, so they leave SIGINT to it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    limit_native_threads(threads)
-    try:
-        experiment = deserialize_experiment(blob)
-    except Exception as exc:
-        # An initializer that raises breaks the pool, which looks like a crashed run
-        # and is retried run by run. Keep the error for the first task to raise in
-        # the driver instead.
-        _WORKER["error"] = exc
-        return
-    except BaseException as exc:  # sys.exit() while unpickling must not end the driver too
-        _WORKER["error"] = SerializationError(
-            f"A worker process could not load the experiment: unpickling it raised "
-            f"{type(exc).__name__}: {exc}. Check the __setstate__ or __reduce__ of the "
-            f"experiment's steps and datasource, or run it under SerialExecution.")
-        return
-    setup = steps_set_up(experiment)
-    # A failing setup() is kept by the host and recorded on every run.
-    _WORKER["host"] = setup.__enter__()
-    # Tear the steps down when this worker process exits normally.
-    Finalize(experiment, setup.__exit__, args=(None, None, None), exitpriority=10)
-
-
-def _run_batch(batch: list[RunSpec]) -> bytes:
-    if "error" in _WORKER:
-        raise _WORKER["error"]
-    host = _WORKER["host"]
-    return pack_results([host.run(spec.replicate, spec.condition) for spec in batch])

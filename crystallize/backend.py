@@ -21,8 +21,10 @@ The pieces, in the order a backend uses them::
     batched()                 group specs into tasks
     pack_results()            results -> bytes in a worker (a result that cannot be
     unpack_results()          pickled fails only its own run) -> results in the driver
-    failed_run(), worker_died()
+    failed_run(), worker_died(), timed_out()
                               records for runs that failed outside the run itself
+    running_step()            which step a run is in now and on which line, for a
+                              backend that stops runs that exceed ``timeout=``
     default_cache_store()     resolve the default store in the driver, before
                               shipping (workers may run in another directory)
 
@@ -48,12 +50,18 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import math
+import sys
 import threading
+import traceback
+import types
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 from ._drive import is_interrupt
+from .context import active_context
 from .errors import ConfigurationError, WorkerCrashedError
+from .fingerprint import _is_user_file
 from .plugins import BasePlugin
 from .result import RunResult
 from .runner import (
@@ -89,10 +97,13 @@ __all__ = [
     "failed_run",
     "is_int",
     "is_interrupt",
+    "is_seconds",
     "pack_results",
     "resolve_cache",
+    "running_step",
     "serialize_experiment",
     "steps_set_up",
+    "timed_out",
     "unpack_results",
     "worker_died",
 ]
@@ -118,11 +129,16 @@ class ExecutionBackend(BasePlugin, abc.ABC):
             inside a running event loop is then refused with a pointer to ``arun()``.
         ships_experiment: runs execute in other processes, so the experiment is
             pickled (and must be picklable) and plugins' replicate hooks run on copies.
+        supports_timeout: the backend takes ``timeout=`` (seconds per run) and stops a
+            run that exceeds it, recording it with :func:`timed_out`. A backend that
+            cannot stop a run raises ``ConfigurationError`` for ``timeout=`` instead,
+            saying which backend can.
     """
 
     progress: bool = False
     async_native: bool = False
     ships_experiment: bool = False
+    supports_timeout: bool = False
 
     @abc.abstractmethod
     def execute(self, experiment: Any, plan: Sequence[RunSpec]) -> Iterator[RunResult]:
@@ -234,6 +250,126 @@ def check_option(owner: str, option: str, value: Any, test: Callable[[Any], bool
 def is_int(value: Any, minimum: int) -> bool:
     """Whether ``value`` is an ``int`` (not a bool) of at least ``minimum``."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def is_seconds(value: Any) -> bool:
+    """Whether ``value`` is a finite number of seconds above zero (not a bool).
+
+    Example:
+        >>> is_seconds(2.5), is_seconds(0), is_seconds(True), is_seconds(float("inf"))
+        (True, False, False, False)
+    """
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
+
+
+def timed_out(spec: RunSpec, seconds: float, step: str, line: str = "", stack: str = "",
+              stopped: str = "its worker was stopped and replaced") -> RunResult:
+    """The record of a run stopped because it ran past ``timeout=`` seconds.
+
+    Its error is a ``TimeoutError`` at ``step`` (``result.errors`` names it like any
+    failure); a timed-out run is not retried.
+
+    Args:
+        spec: the run.
+        seconds: the timeout it exceeded.
+        step: the step it was in, as :func:`running_step` names it.
+        line: ``"file:line in function"`` where it was, when known.
+        stack: the stack it was stopped in, as text (the error's traceback).
+        stopped: what became of the run, for the message.
+
+    Example:
+        >>> run = timed_out(RunSpec(3, "baseline"), 5, "train", "train.py:12 in train")
+        >>> run.error.step, run.error.type
+        ('train', 'TimeoutError')
+        >>> print(run.error.message)  # doctest: +ELLIPSIS
+        The run exceeded its 5 s timeout in step 'train', at train.py:12 in train; ...
+    """
+    at = f", at {line}" if line else ""
+    return failed_run(
+        spec, step, "TimeoutError",
+        f"The run exceeded its {seconds:g} s timeout in step {step!r}{at}; {stopped}, and "
+        f"the other runs went on. If the step needs longer, raise timeout=; otherwise see "
+        f"that line for what it waits on.",
+        traceback=stack or f"TimeoutError: no stack could be read (the worker did not answer "
+                           f"within a second, e.g. inside native code){at}.\n")
+
+
+def running_step(experiment: Any, frame: Any = None, ctx: Any = None) -> tuple[str, str, str]:
+    """Which part of its run a thread is executing now, for a backend enforcing ``timeout=``.
+
+    Call it in the run's own thread (e.g. in a signal handler, passing the frame the
+    handler got), or from outside with the run's context and frames (an asyncio
+    task's chain of awaiting coroutines).
+
+    Args:
+        experiment: the experiment the run belongs to.
+        frame: the run's innermost Python frame, or a list of its frames from the
+            outermost to the innermost; ``None`` for the caller's.
+        ctx: the run's context; ``None`` reads the active one in this thread or task.
+
+    Returns:
+        ``(step, line, stack)``: the step's name, or ``"datasource"``, ``"treatment"``,
+        ``"plugin <Name>.<hook>"``, or ``"run"`` when it cannot tell; ``"file:line in
+        function"`` of the innermost frame; and the stack as text.
+
+    Example:
+        >>> from crystallize import Experiment, pipeline_step
+        >>> @pipeline_step()
+        ... def probe(data, ctx):
+        ...     return data, {"at": running_step(exp)[0]}
+        >>> exp = Experiment(lambda ctx: 0, [probe()])
+        >>> exp.run().metrics.baseline.metrics
+        {'at': ['probe']}
+    """
+    if isinstance(frame, (list, tuple)):
+        frames = list(frame)
+    else:
+        frames = []
+        outer = frame if frame is not None else sys._getframe(1)
+        while outer is not None and len(frames) < 200:
+            frames.append(outer)
+            outer = outer.f_back
+        frames.reverse()
+    ctx = ctx if ctx is not None else active_context()
+    step = None
+    steps = getattr(getattr(experiment, "pipeline", None), "steps", ())
+    if ctx is not None and len(getattr(ctx, "provenance", ())) < len(steps):
+        step = steps[len(ctx.provenance)].name  # the pipeline is inside this step
+    if step is None:  # outside the step loop: the data source, the treatment or a hook?
+        labels = _code_labels(experiment)
+        step = next((labels[f.f_code] for f in reversed(frames) if f.f_code in labels), None)
+    if not frames:
+        return step or "run", "", ""
+    # The line to show is the user's (a step waiting in asyncio.sleep is at its await).
+    at = next((f for f in reversed(frames) if _is_user_file(f.f_code.co_filename)), frames[-1])
+    code, lineno = at.f_code, at.f_lineno
+    # The stack from the user's outermost frame on: the framework's frames above it are noise.
+    first = next((i for i, f in enumerate(frames) if _is_user_file(f.f_code.co_filename)), 0)
+    stack = traceback.StackSummary.extract(((f, f.f_lineno) for f in frames[first:][-20:]), lookup_lines=True)
+    return step or "run", f"{code.co_filename}:{lineno} in {code.co_name}", "".join(stack.format())
+
+
+def _code_labels(experiment: Any) -> dict[types.CodeType, str]:
+    """The code objects of a run's parts outside the step loop, each with its RunError.step."""
+    labels: dict[types.CodeType, str] = {}
+
+    def add(fn: Any, label: str) -> None:
+        fn = getattr(fn, "__func__", fn)
+        code = getattr(fn, "__code__", None)
+        if code is not None:
+            labels.setdefault(code, label)
+
+    source = getattr(experiment, "datasource", None)
+    kind = type(source)
+    for fn in (getattr(source, "fn", None), source, getattr(kind, "fetch", None), vars(kind).get("__call__")):
+        add(fn, "datasource")
+    for treatment in getattr(experiment, "treatments", ()):
+        add(type(treatment).apply, "treatment")
+    for plugin in getattr(experiment, "plugins", ()):
+        for hook in ("before_replicate", "after_replicate"):
+            add(getattr(type(plugin), hook, None), f"plugin {type(plugin).__name__}.{hook}")
+    return labels
 
 
 def batched(plan: Sequence[RunSpec], size: int) -> list[list[RunSpec]]:

@@ -15,6 +15,8 @@
     ├── UnhashableValueError      (also a TypeError; in hashing.py) no canonical digest
     ├── ValidationError           an experiment is structurally wrong
     ├── WorkerCrashedError        the process running a run died (recorded, not raised)
+    ├── RunsFailedError           runs failed and the caller asked for that to raise
+                                  (``run(strict=True)``, ``result.raise_for_errors()``)
     ├── ArtifactError             an artifact name is unsafe or cannot be written
     └── UnusedTreatmentKeyWarning (also a UserWarning; issued, never raised) a
                                   treatment key nothing seems to read
@@ -34,6 +36,7 @@ __all__ = [
     "MissingParameterError",
     "ParameterError",
     "PipelineError",
+    "RunsFailedError",
     "SerializationError",
     "StepError",
     "UnknownParameterError",
@@ -161,3 +164,47 @@ class UnusedTreatmentKeyWarning(CrystallizeError, UserWarning):
     ``result.provenance["unused_treatment_keys"]``.
     Silence it with ``warnings.filterwarnings("ignore", category=UnusedTreatmentKeyWarning)``.
     """
+
+
+class RunsFailedError(CrystallizeError):
+    """Runs of an experiment failed, and the caller asked for that to be an error.
+
+    Raised by ``Experiment.run(strict=True)`` (and ``arun``) and by
+    ``Result.raise_for_errors()``, once every run has finished: the message lists each
+    failed run (replicate, condition, step, exception) and the first one's traceback.
+    The ``crystallize run`` command exits non-zero with it.
+
+    Attributes:
+        result: the :class:`~crystallize.Result` with every run, failed or not.
+        errors: one ``RunError`` per failed run.
+
+    Example:
+        >>> from crystallize import Result, RunError, RunResult
+        >>> bad = RunResult(1, "baseline", error=RunError(1, "baseline", "fit", "ValueError", "nan loss"))
+        >>> result = Result([RunResult(0, "baseline"), bad], ["baseline"])
+        >>> print(str(RunsFailedError(result)).splitlines()[0])
+        1 of 2 runs failed:
+    """
+
+    #: How many failures the message lists one by one.
+    LISTED = 10
+
+    def __init__(self, result: object) -> None:
+        self.result = result
+        self.errors = list(getattr(result, "errors", []))
+        runs = len(getattr(result, "runs", []))
+        name = (getattr(result, "provenance", None) or {}).get("name")
+        lines = [f"{len(self.errors)} of {runs} runs" + (f" of experiment {name!r}" if name else "") + " failed:"]
+        lines += [f"  - {error}" for error in self.errors[: self.LISTED]]
+        if len(self.errors) > self.LISTED:
+            lines.append(f"  ... and {len(self.errors) - self.LISTED} more")
+        first = self.errors[0].traceback.strip() if self.errors and self.errors[0].traceback else ""
+        if first:
+            lines.append("The first failure's traceback:")
+            lines += [f"    {line}" for line in first.splitlines()]
+        lines.append("The other runs finished: exc.result holds every run, and exc.result.errors "
+                     "each failure with its traceback.")
+        super().__init__("\n".join(lines))
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.result,))

@@ -7,6 +7,7 @@ backend.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import queue
 import threading
 import time
@@ -23,8 +24,13 @@ from .backend import (
     check_option,
     failed_run,
     is_int,
+    is_seconds,
+    running_step,
     steps_set_up,
+    timed_out,
 )
+from .context import active_context
+from .errors import ConfigurationError
 
 __all__ = ["AsyncExecution", "ExecutionBackend", "SerialExecution"]
 
@@ -38,9 +44,21 @@ class SerialExecution(ExecutionBackend):
 
     Args:
         progress: show a progress line over runs.
+        timeout: not supported: a run in this process cannot be stopped from outside.
+            Given anyway, it raises ``ConfigurationError`` naming the backends that can.
+
+    Raises:
+        ConfigurationError: ``timeout`` was given.
     """
 
-    def __init__(self, progress: bool = False) -> None:
+    def __init__(self, progress: bool = False, *, timeout: float | None = None) -> None:
+        if timeout is not None:
+            raise ConfigurationError(
+                "SerialExecution", "timeout", timeout,
+                "None: runs execute in this process, and a run that hangs cannot be stopped "
+                "from outside. Use ParallelExecution(executor_type='process', timeout=...) "
+                "(the run's worker is killed and replaced), AsyncExecution(timeout=...) for "
+                "async steps, or RayExecution(timeout=...)")
         self.progress = progress
 
     def execute(self, experiment: Any, plan: Sequence[RunSpec]) -> Iterator[RunResult]:
@@ -62,18 +80,32 @@ class AsyncExecution(ExecutionBackend):
     step that blocks the loop cannot be cancelled: ``run()`` stops waiting for it
     after a short grace and leaves it to the daemon helper thread.
 
+    With ``timeout=``, a run still going after that many seconds is cancelled and
+    recorded as a ``TimeoutError`` naming the step it was in; the others go on. A
+    cancellation lands at the run's next ``await``: a sync step that blocks the loop
+    cannot be stopped (use the process pool for those).
+
     Args:
         max_concurrency: the most runs in flight at once (default 64).
         progress: show a progress line over runs.
+        timeout: seconds a run may take; ``None``: no limit.
+
+    Example:
+        >>> backend = AsyncExecution(max_concurrency=16, timeout=30)
     """
 
     async_native = True
+    supports_timeout = True
 
-    def __init__(self, max_concurrency: int = 64, progress: bool = False) -> None:
+    def __init__(self, max_concurrency: int = 64, progress: bool = False, *,
+                 timeout: float | None = None) -> None:
         check_option("AsyncExecution", "max_concurrency", max_concurrency, lambda v: is_int(v, 1),
                      "an integer >= 1")
+        check_option("AsyncExecution", "timeout", timeout, lambda v: v is None or is_seconds(v),
+                     "None or a number of seconds > 0")
         self.max_concurrency = max_concurrency
         self.progress = progress
+        self.timeout = timeout
 
     def execute(self, experiment: Any, plan: Sequence[RunSpec]) -> Iterator[RunResult]:
         # The event loop runs in a helper thread so results stream to the driver (and
@@ -119,17 +151,20 @@ class AsyncExecution(ExecutionBackend):
             specs = iter(plan)
             running: dict[asyncio.Future[RunResult], RunSpec] = {}
             ready: deque[RunResult] = deque()
+            clock = _Deadlines(self.timeout)
             try:
                 while True:
                     for spec in specs:
-                        running[asyncio.ensure_future(host.arun(spec.replicate, spec.condition))] = spec
+                        running[clock.start(host.arun(spec.replicate, spec.condition))] = spec
                         if len(running) >= self.max_concurrency:
                             break
                     if not running:
                         return
-                    finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    finished, _ = await asyncio.wait(running, timeout=clock.wait(running),
+                                                     return_when=asyncio.FIRST_COMPLETED)
                     for task in finished:
                         ready.append(_outcome(task, running.pop(task)))
+                    ready.extend(clock.expire(experiment, running))
                     while ready:
                         yield ready.popleft()
             except (asyncio.CancelledError, KeyboardInterrupt):
@@ -143,6 +178,51 @@ class AsyncExecution(ExecutionBackend):
                 raise
             finally:
                 await _cancel(running)  # on any other way out; steps are torn down after
+                await _cancel(clock.abandoned)
+
+
+class _Deadlines:
+    """Each run's start, and the runs of ``AsyncExecution(timeout=...)`` that ran past it.
+
+    Each run's task gets a context of its own, so the run's FrozenContext (the step
+    it is in) can be read from outside when it is overdue.
+    """
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self.started: dict[asyncio.Future[RunResult], tuple[float, contextvars.Context]] = {}
+        self.abandoned: dict[asyncio.Future[RunResult], RunSpec] = {}  # cancelled, not yet unwound
+
+    def start(self, run: Any) -> asyncio.Future[RunResult]:
+        if self.timeout is None:
+            return asyncio.ensure_future(run)
+        context = contextvars.copy_context()
+        task = asyncio.get_running_loop().create_task(run, context=context)
+        self.started[task] = (time.monotonic(), context)
+        return task
+
+    def wait(self, running: dict[asyncio.Future[RunResult], RunSpec]) -> float | None:
+        """How long until the first running run is overdue (``None``: no timeout)."""
+        if self.timeout is None:
+            return None
+        first = min(self.started[task][0] for task in running)
+        return max(0.0, first + self.timeout - time.monotonic())
+
+    def expire(self, experiment: Any, running: dict[asyncio.Future[RunResult], RunSpec]) -> list[RunResult]:
+        """Cancel the overdue runs; their TimeoutError records."""
+        if self.timeout is None:
+            return []
+        for task in [t for t in self.started if t not in running]:
+            del self.started[task]
+        now, out = time.monotonic(), []
+        for task in [t for t in running if now - self.started[t][0] >= self.timeout]:
+            spec = running.pop(task)
+            _, context = self.started.pop(task)
+            step, line, text = running_step(experiment, _awaiting(task), context.run(active_context))
+            task.cancel()
+            self.abandoned[task] = spec
+            out.append(timed_out(spec, self.timeout, step, line, text, stopped="it was cancelled"))
+        return out
 
 
 def _outcome(task: asyncio.Future[RunResult], spec: RunSpec) -> RunResult:
@@ -170,6 +250,19 @@ async def _cancel(running: dict[asyncio.Future[RunResult], RunSpec]) -> list[Run
     if tasks:
         await asyncio.wait(tasks, timeout=GRACE_SECONDS)
     return [task.result() for task in tasks if _succeeded(task)]
+
+
+def _awaiting(task: asyncio.Future[Any]) -> list[Any]:
+    """The frames of the coroutines ``task`` is suspended in, outermost first."""
+    frames: list[Any] = []
+    coro = getattr(task, "get_coro", lambda: None)()
+    while coro is not None and len(frames) < 200:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            break
+        frames.append(frame)
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return frames
 
 
 class _Raised:

@@ -13,19 +13,19 @@ from typing import Any
 
 from ._drive import loop_running
 from .backend import ExecutionBackend
+from .collector import Collector
 from .context import FrozenContext
 from .datasource import DataSource
 from .errors import (
-    BackendError,
     PipelineError,
     UnusedTreatmentKeyWarning,
     ValidationError,
 )
 from .execution import SerialExecution
 from .hypotheses import Hypothesis
+from .journal import Journal, reusable
 from .pipeline import Pipeline
-from .plugins import BasePlugin, check_plugin
-from .progress import Progress
+from .plugins import BasePlugin, SeedPlugin, check_plugin
 from .result import Result, RunResult
 from .runner import RunSpec
 from .stores import CacheStore, LocalCacheStore
@@ -57,6 +57,11 @@ class Experiment:
             a treatment may override these keys for its own condition.
         cache: the store for cacheable steps (``None``: ``./.cache`` or
             ``$CRYSTALLIZE_CACHE_DIR``; ``False``: no caching).
+        journal: where each finished run is appended as it arrives, so that
+            ``run(resume=True)`` after a crash runs only what is missing (see
+            :mod:`crystallize.journal`): a directory; ``None`` for
+            ``$CRYSTALLIZE_HOME/journals``, else ``./.crystallize/journals``;
+            ``False`` for no journal.
 
     Example:
         >>> from crystallize import pipeline_step
@@ -82,6 +87,7 @@ class Experiment:
         name: str | None = None,
         initial_ctx: Mapping[str, Any] | None = None,
         cache: CacheStore | bool | None = None,
+        journal: bool | str | os.PathLike[str] | None = None,
     ) -> None:
         if getattr(datasource, "__crystallize_function__", None) and not isinstance(datasource, DataSource):
             datasource = datasource()  # a bare @data_source factory
@@ -96,6 +102,7 @@ class Experiment:
         self.name = name or _default_name(datasource)
         self.initial_ctx = dict(initial_ctx or {})
         self.cache = cache
+        self.journal = journal
 
     # -- checks ---------------------------------------------------------------
     def validate(self) -> None:
@@ -213,6 +220,9 @@ class Experiment:
         replicates: int | None = None,
         treatments: Sequence[Treatment] | None = None,
         hypotheses: Sequence[Hypothesis] | None = None,
+        *,
+        resume: bool = False,
+        strict: bool = False,
     ) -> Result:
         """Run every replicate of the baseline and each treatment; aggregate.
 
@@ -220,55 +230,80 @@ class Experiment:
         holds for any exception a step raises, ``sys.exit()`` and other
         ``BaseException`` included; only Ctrl-C stops the experiment.
 
+        Each run is appended to the experiment's journal as it finishes (unless
+        ``journal=False``), so a driver that dies, or is stopped, loses at most the
+        last half second of results.
+
         Args:
             replicates: overrides the experiment's ``replicates`` for this call.
             treatments: overrides the experiment's treatments for this call.
             hypotheses: overrides the experiment's hypotheses for this call.
+            resume: reuse the successful runs in the journal of this very experiment
+                (same steps, data source, treatments, ``initial_ctx``, plugins and
+                seed; a drawn seed is reused) and execute only the others. A journal
+                of a changed experiment is not used (a warning says what changed).
+                Resumed runs do not call ``on_run_result`` again.
+            strict: raise :class:`RunsFailedError` (carrying the result) if any run
+                failed, once all have finished.
+
+        Returns:
+            The :class:`Result`; ``provenance["resumed"]`` counts the runs taken from
+            the journal and ``provenance["journal"]`` is its path.
 
         Raises:
             ValidationError: the experiment is structurally wrong.
             SerializationError: a process/Ray backend cannot ship the experiment.
+            RunsFailedError: ``strict=True`` and runs failed.
             KeyboardInterrupt: Ctrl-C. The backend starts no new run and stops its
                 workers; ``exc.partial_result`` is a :class:`Result` of every run that
                 finished, those that came back while it was stopping included
                 (``provenance["complete"]`` is False, no hypotheses are evaluated).
+                They are in the journal too: ``run(resume=True)`` continues.
 
         Example:
             >>> try:                                                  # doctest: +SKIP
             ...     result = exp.run(replicates=1000)
             ... except KeyboardInterrupt as exc:
             ...     result = exc.partial_result
+            >>> result = exp.run(replicates=1000, resume=True)        # doctest: +SKIP
         """
-        job, plan = self._prepare(replicates, treatments, hypotheses)
-        if job.backend.async_native and loop_running():
+        if self.backend.async_native and loop_running():
             raise PipelineError(
-                f"Experiment.run() with {type(job.backend).__name__} inside a running event "
+                f"Experiment.run() with {type(self.backend).__name__} inside a running event "
                 f"loop: use `await experiment.arun(...)`.")
-        with _Collector(job, plan) as collector:
-            collector.consume(job.backend.execute(job, plan))
-        return collector.result()
+        job, plan, journal, resumed = self._prepare(replicates, treatments, hypotheses, resume)
+        with Collector(job, plan, journal, resumed) as collector:
+            if plan:
+                collector.consume(job.backend.execute(job, plan))
+        return collector.result(strict)
 
     async def arun(
         self,
         replicates: int | None = None,
         treatments: Sequence[Treatment] | None = None,
         hypotheses: Sequence[Hypothesis] | None = None,
+        *,
+        resume: bool = False,
+        strict: bool = False,
     ) -> Result:
-        """Async form of :meth:`run`: use it inside an event loop.
+        """Async form of :meth:`run` (same arguments): use it inside an event loop.
 
         Cancelling it (``asyncio.run`` does so on Ctrl-C, then raises
         ``KeyboardInterrupt`` itself) stops the backend as Ctrl-C stops :meth:`run`;
         the ``CancelledError`` carries ``partial_result``, and is the
         ``__context__`` of the ``KeyboardInterrupt`` that ``asyncio.run`` raises.
         """
-        job, plan = self._prepare(replicates, treatments, hypotheses)
-        with _Collector(job, plan) as collector:
-            await collector.aconsume(job.backend.aexecute(job, plan))
-        return collector.result()
+        job, plan, journal, resumed = self._prepare(replicates, treatments, hypotheses, resume)
+        with Collector(job, plan, journal, resumed) as collector:
+            if plan:
+                await collector.aconsume(job.backend.aexecute(job, plan))
+        return collector.result(strict)
 
     def _prepare(
-        self, replicates: int | None, treatments: Sequence[Treatment] | None, hypotheses: Sequence[Hypothesis] | None
-    ) -> tuple[Experiment, list[RunSpec]]:
+        self, replicates: int | None, treatments: Sequence[Treatment] | None, hypotheses: Sequence[Hypothesis] | None,
+        resume: bool = False,
+    ) -> tuple[Experiment, list[RunSpec], Journal, list[RunResult]]:
+        """This call's experiment, the runs to execute, its journal and the runs it resumes."""
         job = copy.copy(self)  # this call's configuration; self stays reusable
         job.replicates = self.replicates if replicates is None else replicates
         job.treatments = list(self.treatments if treatments is None else treatments)
@@ -280,11 +315,27 @@ class Experiment:
             problems.append("hypotheses compare treatments with the baseline, but there are no treatments.")
         if problems:
             raise ValidationError(problems)
+        if not (job.journal is None or isinstance(job.journal, (bool, str, os.PathLike))):
+            raise ValidationError([(f"journal must be a directory, None (the default "
+                                    f"./.crystallize/journals) or False (no journal), got {job.journal!r}.")])
         job._warn_unknown_keys(job.treatments, stacklevel=4)  # user -> run -> _prepare -> here
-        for plugin in job.plugins:
-            plugin.before_run(job)
-        plan = [RunSpec(r, c) for r in range(job.replicates) for c in job.conditions]
-        return job, plan
+        journal = Journal.open(job, resume=resume)  # never raises: a journal never costs a run
+        try:
+            if journal.seed is not None:  # the seed drawn by the run being resumed
+                job.plugins = [_pinned(p, journal.seed) for p in job.plugins]
+            for plugin in job.plugins:
+                plugin.before_run(job)
+            plan = [RunSpec(r, c) for r in range(job.replicates) for c in job.conditions]
+            journal.start(job)
+        except BaseException:
+            journal.close()
+            raise
+        resumed = reusable(journal, plan)
+        if resumed:
+            log.info("Experiment %r: %d of %d runs resumed from %s; running the other %d.",
+                     job.name, len(resumed), len(plan), journal.path, len(plan) - len(resumed))
+        done = {(run.replicate, run.condition) for run in resumed}
+        return job, [spec for spec in plan if (spec.replicate, spec.condition) not in done], journal, resumed
 
     def _finish(self, collected: list[RunResult], started: float, *, evaluate: bool = True) -> Result:
         seed_plugin = next((p for p in self.plugins if hasattr(p, "base_seed")), None)
@@ -324,134 +375,6 @@ class Experiment:
                 f"treatments={[t.name for t in self.treatments]}, replicates={self.replicates})")
 
 
-class _Collector:
-    """Aggregates one run()'s results as they stream in, whatever their order.
-
-    It checks the backend's contract: every planned run comes back exactly once.
-    If the backend fails part-way (or is interrupted), the exception carries the
-    runs already finished as ``exc.partial_result``, so nothing computed is lost.
-
-    Ctrl-C that strikes while a result is being received (in a plugin hook, say)
-    is thrown into the backend's generator at its ``yield``, so the backend stops
-    the same way wherever the interrupt landed: it yields the runs that finish
-    while it stops its workers, then re-raises.
-    """
-
-    def __init__(self, job: Experiment, plan: Sequence[RunSpec]) -> None:
-        self.job = job
-        self.runs: list[RunResult] = []
-        self.expected = {(spec.replicate, spec.condition) for spec in plan}
-        self.seen: set[tuple[int, str]] = set()
-        self.progress = Progress(len(plan), enabled=job.backend.progress, label=f"crystallize {job.name}")
-        self.started = time.time()
-
-    def __enter__(self) -> _Collector:
-        return self
-
-    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
-        self.progress.close()
-        if exc is None:
-            missing = self.expected - self.seen
-            if missing:
-                exc = BackendError(
-                    f"{type(self.job.backend).__name__} returned {len(self.seen)} of "
-                    f"{len(self.expected)} planned runs; missing: {_runs(missing)}. This is a "
-                    f"bug in the backend; the finished runs are in exc.partial_result.")
-                exc.partial_result = self.job._finish(self.runs, self.started, evaluate=False)  # type: ignore[attr-defined]
-                raise exc
-        elif not hasattr(exc, "partial_result"):
-            try:
-                exc.partial_result = self.job._finish(self.runs, self.started, evaluate=False)  # type: ignore[attr-defined]
-            except Exception:  # never mask the original error
-                log.exception("Could not aggregate the finished runs after %r", exc)
-
-    def consume(self, runs: Any) -> None:
-        """Receive every run that ``runs`` (what ``backend.execute`` returned) yields.
-
-        See the class docstring for Ctrl-C.
-        """
-        run = None
-        try:
-            for run in runs:
-                self.receive(run)
-                run = None
-        except KeyboardInterrupt as exc:
-            self._keep(run)
-            throw = getattr(runs, "throw", None)
-            if throw is not None:
-                try:  # a generator that raised the interrupt itself re-raises it here
-                    run = throw(exc)
-                    while True:
-                        self.receive(run)
-                        run = next(runs)
-                except StopIteration:
-                    pass
-                except KeyboardInterrupt as again:
-                    if again is not exc:  # a second Ctrl-C: stop receiving now
-                        raise
-            raise
-        finally:
-            close = getattr(runs, "close", None)
-            if close is not None:
-                close()
-
-    async def aconsume(self, runs: Any) -> None:
-        """Receive every run of ``runs`` (what ``backend.aexecute`` returned), as :meth:`consume`."""
-        run = None
-        try:
-            async for run in runs:
-                self.receive(run)
-                run = None
-        except KeyboardInterrupt as exc:
-            self._keep(run)
-            athrow = getattr(runs, "athrow", None)
-            if athrow is not None:
-                try:  # an exhausted async generator returns None here
-                    run = await athrow(exc)
-                    while run is not None:
-                        self.receive(run)
-                        run = await runs.__anext__()
-                except StopAsyncIteration:
-                    pass
-                except KeyboardInterrupt as again:
-                    if again is not exc:
-                        raise
-            raise
-        finally:
-            aclose = getattr(runs, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-    def _keep(self, run: RunResult | None) -> None:
-        """Keep the run that Ctrl-C interrupted the receiving of, if it was planned."""
-        if run is not None:
-            key = (run.replicate, run.condition)
-            if key in self.expected and key not in self.seen:
-                self.seen.add(key)
-                self.runs.append(run)
-
-    def receive(self, run: RunResult) -> None:
-        key = (run.replicate, run.condition)
-        if key not in self.expected or key in self.seen:
-            what = "twice" if key in self.seen else "although it was not planned"
-            raise BackendError(
-                f"{type(self.job.backend).__name__} returned replicate {run.replicate}, "
-                f"condition {run.condition!r} {what}. This is a bug in the backend; the runs "
-                f"finished so far are in exc.partial_result.")
-        self.seen.add(key)
-        self.runs.append(run)
-        for plugin in self.job.plugins:
-            try:
-                plugin.on_run_result(self.job, run)
-            except Exception:
-                log.exception("Plugin %s.on_run_result failed for replicate %d, condition %r; "
-                              "the run's result is kept.", type(plugin).__name__, run.replicate, run.condition)
-        self.progress.update(failed=run.error is not None)
-
-    def result(self) -> Result:
-        return self.job._finish(self.runs, self.started)
-
-
 def _report_unread_keys(job: Experiment, result: Result) -> None:
     """Record, and log once, the treatment keys that no run of their condition used.
 
@@ -475,9 +398,13 @@ def _report_unread_keys(job: Experiment, result: Result) -> None:
                     "(Also in result.provenance['unused_treatment_keys'].)", job.name, listed)
 
 
-def _runs(keys: set[tuple[int, str]], most: int = 5) -> str:
-    shown = ", ".join(f"(replicate {r}, {c!r})" for r, c in sorted(keys)[:most])
-    return shown + (f" and {len(keys) - most} more" if len(keys) > most else "")
+def _pinned(plugin: BasePlugin, seed: int) -> BasePlugin:
+    """A SeedPlugin that draws its seed, pinned to the seed of the run being resumed."""
+    if not isinstance(plugin, SeedPlugin) or plugin.seed is not None:
+        return plugin
+    pinned = copy.copy(plugin)
+    pinned.seed = seed
+    return pinned
 
 
 def _default_name(datasource: Any) -> str:

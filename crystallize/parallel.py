@@ -3,7 +3,8 @@
 Threads share this process: the experiment's steps are set up once, here, and a
 fixed set of daemon threads takes runs from the plan one at a time. The process
 pool (``crystallize/_process_pool.py``) ships the experiment once per worker,
-isolates the run that kills its worker, and limits each worker's native thread
+finds the run that kills its worker, stops runs that exceed ``timeout=``, replaces
+workers after ``max_runs_per_worker=`` runs, and limits each worker's native thread
 pools (BLAS, OpenMP) to its share of the CPUs, as joblib does.
 
 On Ctrl-C both stop within about a second: no new run starts, the runs that come
@@ -24,15 +25,18 @@ from typing import Any
 
 from ._process_pool import run_in_processes
 from .backend import (
+    GRACE_SECONDS,
+    WAIT_SLICE_SECONDS,
     ExecutionBackend,
     RunResult,
     RunSpec,
     SetUpSteps,
     check_option,
     is_int,
+    is_seconds,
     steps_set_up,
 )
-from .backend import GRACE_SECONDS, WAIT_SLICE_SECONDS
+from .errors import ConfigurationError
 
 __all__ = ["ParallelExecution"]
 
@@ -56,6 +60,13 @@ class ParallelExecution(ExecutionBackend):
             else ``spawn``.
         threads_per_worker: native threads (BLAS, OpenMP) each process worker may
             use; default its share of the CPUs (``cpus // max_workers``, at least 1).
+        timeout: seconds a run may take (process pool only). A run that exceeds it is
+            recorded as a ``TimeoutError`` naming the step it was in and the line;
+            its worker is killed and replaced, and the other runs go on. ``None``: no
+            limit.
+        max_runs_per_worker: replace each worker process after this many runs
+            (process pool only), for steps that leak memory; its steps' ``teardown()``
+            runs first and the new worker sets them up again. ``None``: never.
 
     On Ctrl-C ``run()`` raises ``KeyboardInterrupt`` within about a second, with
     every finished run in ``exc.partial_result``: runs not started are dropped,
@@ -63,10 +74,13 @@ class ParallelExecution(ExecutionBackend):
     (their steps' ``teardown()`` does not run) and threads take no new run.
 
     Raises:
-        ConfigurationError: (a ``ValueError``) an option is out of range, naming it.
+        ConfigurationError: (a ``ValueError``) an option is out of range, naming it, or
+            ``timeout``/``max_runs_per_worker`` is given for the thread pool, whose
+            threads can be neither stopped nor replaced.
 
     Example:
-        >>> backend = ParallelExecution(max_workers=2, executor_type="process")
+        >>> backend = ParallelExecution(max_workers=2, executor_type="process", timeout=600,
+        ...                             max_runs_per_worker=50)
     """
 
     def __init__(
@@ -79,6 +93,8 @@ class ParallelExecution(ExecutionBackend):
         max_retries: int = 2,
         start_method: str | None = None,
         threads_per_worker: int | None = None,
+        timeout: float | None = None,
+        max_runs_per_worker: int | None = None,
     ) -> None:
         owner = "ParallelExecution"
         check_option(owner, "executor_type", executor_type, lambda v: v in _EXECUTORS,
@@ -94,6 +110,23 @@ class ParallelExecution(ExecutionBackend):
                      f"None or one of {methods}")
         check_option(owner, "threads_per_worker", threads_per_worker,
                      lambda v: v is None or is_int(v, 1), "None or an integer >= 1")
+        check_option(owner, "timeout", timeout, lambda v: v is None or is_seconds(v),
+                     "None or a number of seconds > 0")
+        check_option(owner, "max_runs_per_worker", max_runs_per_worker,
+                     lambda v: v is None or is_int(v, 1), "None or an integer >= 1")
+        if executor_type == "thread" and timeout is not None:
+            raise ConfigurationError(
+                owner, "timeout", timeout,
+                "None with executor_type='thread': a thread cannot be stopped from outside, so an "
+                "overdue run could not be ended. Use executor_type='process' (its worker is "
+                "killed and replaced), or AsyncExecution(timeout=...) for async steps")
+        if executor_type == "thread" and max_runs_per_worker is not None:
+            raise ConfigurationError(
+                owner, "max_runs_per_worker", max_runs_per_worker,
+                "None with executor_type='thread': threads share this process, so replacing one "
+                "frees no memory. Use executor_type='process'")
+        self.timeout = timeout
+        self.max_runs_per_worker = max_runs_per_worker
         self.threads_per_worker = threads_per_worker
         self.max_workers = max_workers
         self.executor_type = executor_type
@@ -104,6 +137,10 @@ class ParallelExecution(ExecutionBackend):
 
     @property
     def ships_experiment(self) -> bool:  # type: ignore[override]
+        return self.executor_type == "process"
+
+    @property
+    def supports_timeout(self) -> bool:  # type: ignore[override]
         return self.executor_type == "process"
 
     def execute(self, experiment: Any, plan: Sequence[RunSpec]) -> Iterator[RunResult]:
@@ -130,7 +167,8 @@ class ParallelExecution(ExecutionBackend):
         return run_in_processes(
             experiment, plan, workers=self.max_workers or os.cpu_count() or 1, batch_size=self.batch_size,
             max_retries=self.max_retries, start_method=self.start_method,
-            threads_per_worker=self.threads_per_worker)
+            threads_per_worker=self.threads_per_worker, timeout=self.timeout,
+            max_runs_per_worker=self.max_runs_per_worker)
 
 
 class _Raised:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import RunsFailedError
 from .hypotheses import HypothesisResult
 from .plotting import plot_result
 from .run_result import ArtifactRecord, RunError, RunResult
@@ -109,6 +110,36 @@ class Result:
                 f"No run for replicate {replicate} and condition {condition!r}; "
                 f"conditions are {self.conditions}."
             ) from None
+
+    def raise_for_errors(self) -> Result:
+        """Raise :class:`~crystallize.RunsFailedError` if any run failed; else return self.
+
+        The error lists every failed run (replicate, condition, step, exception) and the
+        first one's traceback, and carries this result as ``exc.result``. For scripts
+        and batch jobs that must fail when runs fail: ``exp.run().raise_for_errors()``,
+        or ``exp.run(strict=True)``.
+
+        Returns:
+            This result, when no run failed (so calls can be chained).
+
+        Raises:
+            RunsFailedError: one or more runs failed.
+
+        Example:
+            >>> ok = Result([RunResult(0, "baseline", {"x": [1]})], ["baseline"])
+            >>> ok.raise_for_errors() is ok
+            True
+            >>> bad = RunResult(1, "baseline", error=RunError(1, "baseline", "fit", "ValueError", "nan loss"))
+            >>> Result([bad], ["baseline"]).raise_for_errors()
+            Traceback (most recent call last):
+            ...
+            crystallize.errors.RunsFailedError: 1 of 1 runs failed:
+              - replicate 1, condition 'baseline', at fit: ValueError: nan loss
+            The other runs finished: exc.result holds every run, and exc.result.errors each failure with its traceback.
+        """
+        if self.errors:
+            raise RunsFailedError(self)
+        return self
 
     def get_hypothesis(self, name: str) -> HypothesisResult | None:
         """The result of the hypothesis called ``name``, or ``None``."""

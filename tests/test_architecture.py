@@ -35,10 +35,13 @@ BACKEND_PUBLIC = [
     "failed_run",
     "is_int",
     "is_interrupt",
+    "is_seconds",
     "pack_results",
     "resolve_cache",
+    "running_step",
     "serialize_experiment",
     "steps_set_up",
+    "timed_out",
     "unpack_results",
     "worker_died",
 ]

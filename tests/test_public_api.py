@@ -44,6 +44,7 @@ PUBLIC = [
     "RunError",
     "RunResult",
     "RunSpec",
+    "RunsFailedError",
     "SeedPlugin",
     "SerialExecution",
     "SerializationError",
