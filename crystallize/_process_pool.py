@@ -112,7 +112,7 @@ class _Worker:
         self.state[1] = -1
         self.report = mp.RawArray("c", REPORT_BYTES)
         self.process = mp.Process(target=serve, name="crystallize-worker", daemon=False,
-                                  args=(theirs, blob, threads, self.state, self.report, stopping, os.getpid()))
+                                  args=(theirs, blob, threads, self.state, self.report, stopping))
         DRIVER_ENDS.add(self.conn)
         try:
             self.process.start()

@@ -57,13 +57,15 @@ DRIVER_ENDS: set[Any] = set()
 _PARENT_POLL_SECONDS = 0.5
 
 
-def serve(conn: Any, blob: bytes, threads: int, state: Any, report: Any, stopping: Any, parent: int) -> None:
+def serve(conn: Any, blob: bytes, threads: int, state: Any, report: Any, stopping: Any) -> None:
     """The worker process's main function (see the module docstring)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for inherited in list(DRIVER_ENDS):
         inherited.close()
     DRIVER_ENDS.clear()
-    threading.Thread(target=_exit_with, args=(parent,), name="crystallize-orphan-watch", daemon=True).start()
+    # The parent is the driver, or the forkserver that exits with it.
+    threading.Thread(target=_exit_with, args=(os.getppid(),), name="crystallize-orphan-watch",
+                     daemon=True).start()
     limit_native_threads(threads)
     try:
         experiment = deserialize_experiment(blob)
