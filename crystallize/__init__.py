@@ -43,7 +43,7 @@ from .result import (
 from .runner import RunSpec, aexecute_run, execute_run, steps_set_up
 from .serialization import deserialize_experiment, serialize_experiment
 from .steps import PipelineStep, pipeline_step
-from .stores import CacheStore, LocalCacheStore
+from .stores import CacheStore, LocalCacheStore, ReadThroughStore, UrlStore
 from .treatments import BASELINE, Treatment, treatment
 
 __version__ = "0.1.0"
@@ -80,6 +80,7 @@ __all__ = [
     "Pipeline",
     "PipelineError",
     "PipelineStep",
+    "ReadThroughStore",
     "Result",
     "RunError",
     "RunResult",
@@ -96,6 +97,7 @@ __all__ = [
     "UnhashableValueError",
     "UnknownParameterError",
     "UnusedTreatmentKeyWarning",
+    "UrlStore",
     "ValidationError",
     "Verifier",
     "WorkerCrashedError",

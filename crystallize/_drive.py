@@ -8,6 +8,7 @@ event loop.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Generator
 from typing import Any
 
@@ -15,7 +16,21 @@ from .errors import PipelineError
 
 Loop = Generator[Awaitable[Any], Any, Any]
 
-__all__ = ["Loop", "adrive", "drive", "is_interrupt", "loop_running"]
+__all__ = ["Loop", "adrive", "drive", "driven_async", "is_interrupt", "loop_running"]
+
+# Whether the loop being advanced is driven by adrive (its awaitables are awaited in
+# the caller's event loop) rather than by drive (which blocks this thread).
+_DRIVEN_ASYNC: contextvars.ContextVar[bool] = contextvars.ContextVar("crystallize_driven_async", default=False)
+
+
+def driven_async() -> bool:
+    """Whether the step loop running now is driven by :func:`adrive`.
+
+    A loop that has to wait (for another run computing a cache entry) yields
+    ``asyncio.sleep`` awaitables then, so other runs in the event loop go on; under
+    :func:`drive` it blocks its thread instead.
+    """
+    return _DRIVEN_ASYNC.get()
 
 
 def drive(loop: Loop) -> Any:
@@ -23,6 +38,7 @@ def drive(loop: Loop) -> Any:
     event_loop: asyncio.AbstractEventLoop | None = None
     send: Any = None
     error: BaseException | None = None
+    mode = _DRIVEN_ASYNC.set(False)
     try:
         while True:
             try:
@@ -40,6 +56,7 @@ def drive(loop: Loop) -> Any:
                     raise
                 send, error = None, exc
     finally:
+        _DRIVEN_ASYNC.reset(mode)
         loop.close()
         if event_loop is not None:
             event_loop.close()
@@ -49,6 +66,7 @@ async def adrive(loop: Loop) -> Any:
     """Run ``loop`` to completion in the running event loop and return its value."""
     send: Any = None
     error: BaseException | None = None
+    mode = _DRIVEN_ASYNC.set(True)
     try:
         while True:
             try:
@@ -62,6 +80,7 @@ async def adrive(loop: Loop) -> Any:
                     raise
                 send, error = None, exc
     finally:
+        _DRIVEN_ASYNC.reset(mode)
         loop.close()
 
 

@@ -1,15 +1,17 @@
-"""The step cache: entry framing, checksums, lookups that check ctx reads, and replay.
+"""The step cache: lookups that check ctx reads, saves, single flight, and replay records.
 
 An entry holds a step's output *and* what the step did to its context (metrics,
 added keys, artifacts, the state it left its random generators in), plus the digest
 of every ctx value the step read and of every generator's state it drew from (see
 :mod:`crystallize.randomness`). A lookup only hits when those are unchanged in the
 current context, so a treatment that changes a value a step read can never be served
-another condition's output.
+another condition's output. How an entry is stored — a signed manifest per key,
+pointing at a content-addressed output blob — is :mod:`crystallize.entries`.
 
-Where entries go, for a step hash ``S`` and an input hash ``I``:
+Where manifests go, for a step hash ``S`` and an input hash ``I``:
 
-* ``S/I`` (the primary entry), written by the first run that stores ``(S, I)``;
+* ``S/I`` (the primary entry), published create-only by the first run that stores
+  ``(S, I)``: the first writer wins;
 * ``S/I.<reads-digest>`` (a variant), for runs whose reads differ from the
   primary's. Its name is the digest of the read keys *and* values, so a lookup that
   knows which keys to read finds it directly;
@@ -18,113 +20,73 @@ Where entries go, for a step hash ``S`` and an input hash ``I``:
   other). It changes only when a new set appears; past :data:`MAX_KEY_SETS` sets,
   runs with yet other reads are not cached (no eviction, so no thrashing).
 
-A hit on the primary costs one store read; on a variant with the primary's keys,
-two; on one with other keys, three plus one per set tried before it.
+A hit on the primary costs one store read (two when the output is in a blob); on a
+variant with the primary's keys, one more; on one with other keys, one more per set
+tried. A manifest that fails its MAC, or whose blob is missing or does not match it,
+is a miss: it is deleted (a bad blob too) and rewritten by the run that missed. The
+store is wrapped in a :class:`~crystallize.stores.GuardedStore`: its ``OSError``
+costs a warning, not a run.
 
-Blobs are ``MAGIC | MAC(body) | body``, the MAC keyed with this user's (or the
-driver's) cache key (see :mod:`crystallize.signing`). A body is unpickled only after
-its MAC verifies; a blob that fails, or does not unpickle, is a miss, is deleted, and
-is rewritten by the run that missed. The store is wrapped in a
-:class:`~crystallize.stores.GuardedStore`: its ``OSError`` costs a warning, not a run.
+**Single flight.** Before a missing entry is computed, :meth:`StepCache.single_flight`
+takes its leases (this process, then the store's: see
+:mod:`crystallize.stores.flight`); a run that finds one taken waits, and is then a
+hit that ``waited``.
+
+A manifest records its last use, rewritten on a hit at most every
+:data:`TOUCH_SECONDS`, so ``crystallize cache gc`` can drop what nobody uses (object
+stores keep no access times).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import pickle
-from dataclasses import dataclass, field
+import time
 from typing import Any
 
 import cloudpickle
 
+from ._drive import Loop, driven_async
 from .context import _KEYS_READ, _MISSING, FrozenContext, _Unhashable
+from .entries import (
+    BLOBS,
+    INLINE_MAX,
+    MAGIC,
+    CacheEntry,
+    CorruptEntryError,
+    Manifest,
+    blob_name,
+    decode_entry,
+    encode_entry,
+    make_manifest,
+    open_manifest,
+)
 from .hashing import hash_struct, hash_value
 from .randomness import PREFIX, source_name
-from .signing import MAC_SIZE, CacheKeyError, cache_key, sign, verify
-from .stores import CacheStore, GuardedStore, KeyedStore
+from .signing import CacheKeyError, cache_key
+from .stores import CacheStore, GuardedStore, capability, flight
+from .stores.flight import Flight
 
-__all__ = ["CacheEntry", "StepCache", "decode_entry", "encode_entry", "read_digests", "value_digest"]
+__all__ = [
+    "MAGIC",
+    "CacheEntry",
+    "CorruptEntryError",
+    "Flight",
+    "StepCache",
+    "decode_entry",
+    "encode_entry",
+    "read_digests",
+    "value_digest",
+]
 
 log = logging.getLogger("crystallize.cache")
 
-# The last byte is the frame version: 2 added a MAC (HMAC-SHA256), 3 made it GMAC;
-# entries of older frames are misses and get rewritten.
-MAGIC = b"CRYSTALLIZE-ENTRY\x03"
 _ABSENT = "<absent>"
 _INDEX = ".reads"
 #: The most sets of read keys one (step, input) keeps variants for.
 MAX_KEY_SETS = 8
-
-
-class CorruptEntryError(ValueError):
-    """A blob is not a whole entry signed with this cache's key, or does not unpickle."""
-
-
-@dataclass
-class CacheEntry:
-    """One cached step execution.
-
-    Attributes:
-        output: the data the step returned (metrics split off).
-        metrics: ``(name, value)`` pairs the step recorded, in order.
-        added: ``(key, value)`` pairs the step added to the context.
-        reads: ctx key -> digest of the value the step saw (``<absent>`` if missing).
-        artifacts: artifacts the step wrote, replayed on a hit.
-        random_after: randomness pseudo-read key -> the generator's state after the
-            step, restored on a hit (see :mod:`crystallize.randomness`).
-    """
-
-    output: Any
-    metrics: list[tuple[str, Any]] = field(default_factory=list)
-    added: list[tuple[str, Any]] = field(default_factory=list)
-    reads: dict[Any, str] = field(default_factory=dict)
-    artifacts: list[Any] = field(default_factory=list)
-    random_after: dict[Any, Any] = field(default_factory=dict)
-
-
-def encode_entry(entry: CacheEntry, key: bytes | None = None) -> bytes:
-    """Pickle and sign an entry: ``MAGIC | MAC | body``.
-
-    Args:
-        entry: what to store.
-        key: the MAC key; ``None`` for this process's :func:`~crystallize.signing.cache_key`.
-
-    Raises:
-        Exception: whatever pickling the entry raises.
-
-    Example:
-        >>> blob = encode_entry(CacheEntry(output=42), b"k" * 32)
-        >>> decode_entry(blob, b"k" * 32).output
-        42
-    """
-    body = cloudpickle.dumps(entry.__dict__, protocol=5)
-    return MAGIC + sign(body, cache_key() if key is None else key) + body
-
-
-def decode_entry(blob: bytes, key: bytes | None = None) -> CacheEntry:
-    """Verify, then unpack, a blob made by :func:`encode_entry`.
-
-    Args:
-        blob: the stored bytes.
-        key: the MAC key; ``None`` for this process's :func:`~crystallize.signing.cache_key`.
-
-    Raises:
-        CorruptEntryError: a wrong header, a MAC that does not verify under ``key``
-            (damaged, forged, or signed with another key: the body is then never
-            unpickled), or a verified body that does not unpickle here.
-    """
-    head = len(MAGIC)
-    if len(blob) < head + MAC_SIZE or not blob.startswith(MAGIC):
-        raise CorruptEntryError("bad header")
-    view = memoryview(blob)
-    mac, body = view[head : head + MAC_SIZE], view[head + MAC_SIZE :]
-    if not verify(mac, body, cache_key() if key is None else key):
-        raise CorruptEntryError("its MAC does not verify: damaged, forged, or signed with another cache key")
-    try:
-        return CacheEntry(**pickle.loads(body))
-    except Exception as exc:  # signed by us, but by an incompatible version
-        raise CorruptEntryError(f"unreadable body: {exc}") from exc
+#: A hit rewrites its manifest's last use when it is older than this (seconds).
+TOUCH_SECONDS = 3600.0
 
 
 def value_digest(value: Any) -> str:
@@ -146,8 +108,8 @@ class StepCache:
     Args:
         store: where the entries live. Its ``OSError`` never fails a run: it is
             warned about once and sets :attr:`failed`.
-        key: the MAC key entries are signed with; default the key a
-            :class:`~crystallize.stores.KeyedStore` carries, else
+        key: the MAC key entries are signed with; default the key the store carries
+            (``signing_key``: a :class:`~crystallize.stores.KeyedStore`), else
             :func:`~crystallize.signing.cache_key`. If that fails, the cache is off
             (one warning) and every step counts as ``failed``.
 
@@ -162,13 +124,15 @@ class StepCache:
     """
 
     def __init__(self, store: CacheStore, key: bytes | None = None) -> None:
+        inner = store.store if isinstance(store, GuardedStore) else store
         # A store resolved in a driver carries the driver's key, so entries written on
         # any node verify on every other (see crystallize.backend.resolve_cache).
-        if isinstance(store, KeyedStore):
-            key = store.key if key is None else key
-            store = store.store
+        if key is None:
+            key = capability(inner, "signing_key")
         # A fresh guard per StepCache (one per run): its `failed` flag is this run's.
-        self.store = GuardedStore(store.store if isinstance(store, GuardedStore) else store)
+        self.store = GuardedStore(inner)
+        #: Names the store for single flight in this process: runs of equal stores share leases.
+        self.scope = repr(inner)
         if key is None:
             try:
                 key = cache_key()
@@ -201,15 +165,15 @@ class StepCache:
 
         ``why`` says which reads differ from the primary entry's (``"ctx read
         changed: alpha"``, ``"randomness changed: numpy"``), or is ``None`` when no
-        entry exists for ``(step_hash, input_hash)`` at all.
+        usable entry exists for ``(step_hash, input_hash)`` at all.
         """
-        primary = self._load(step_hash, input_hash)
+        primary = self._manifest(step_hash, input_hash)
         if primary is None:
             return None, None
         now = _CurrentReads(ctx)
         current = now.digests(primary.reads)
         if current == primary.reads:
-            return primary, None
+            return self._open(step_hash, input_hash, primary), None
         tried = {frozenset(primary.reads)}
         if current is not None:
             found = self._variant(step_hash, input_hash, current)
@@ -225,41 +189,88 @@ class StepCache:
                 return found, None
         return None, now.changed(primary.reads)
 
-    def save(self, step_hash: str, input_hash: str, entry: CacheEntry) -> bool:
-        """Store ``entry``; returns False (and logs why) if it cannot be stored."""
+    def single_flight(self, step_hash: str, input_hash: str, ctx: FrozenContext) -> Loop:
+        """Before computing a missing entry: take its leases, or wait for whoever holds them.
+
+        A generator for the step loop (``flight = yield from cache.single_flight(...)``):
+        it yields ``asyncio.sleep`` awaitables while it waits in a run driven by an
+        event loop, and blocks the thread otherwise.
+
+        Returns:
+            (as the generator's value) a :class:`~crystallize.stores.flight.Flight`:
+            with ``entry`` set when another run stored it meanwhile (replay it, after
+            ``waited`` seconds), else holding the leases; call ``release()`` once the
+            entry is stored or the step failed.
+        """
+        scopes = [flight.ProcessLease(self.scope, step_hash, input_hash)]
+        scopes += self.store.lease_scopes(step_hash, input_hash)
+        return (yield from flight.single_flight(scopes, lambda: self.find(step_hash, input_hash, ctx)[0],
+                                         cooperative=driven_async()))
+
+    def save(self, step_hash: str, input_hash: str, entry: CacheEntry, *, step: str | None = None) -> bool:
+        """Store ``entry``; returns False (and logs why) if it cannot be stored.
+
+        The output goes to a blob when its pickle is bigger than
+        :data:`~crystallize.entries.INLINE_MAX`; the manifest is published
+        create-only, so when several runs store one key the first one's entry stays.
+        """
         try:
-            blob = encode_entry(entry, self.key)
+            output = cloudpickle.dumps(entry.output, protocol=5)
+            blob = blob_name(output) if len(output) > INLINE_MAX else None
+
+            def frame(where: str) -> bytes:
+                return make_manifest(entry, self.key, where, output_pickle=output, step=step, blob=blob)
+
+            primary_frame = frame(f"{step_hash}/{input_hash}")
         except Exception as exc:
             log.warning(
                 "Output of a cacheable step could not be pickled (%s: %s); it is not "
                 "cached and the run goes on.", type(exc).__name__, exc,
             )
             return False
-        # A variant only when the primary was made from other reads; a primary with
-        # the same reads (another process stored it meanwhile) is replaced, so
-        # concurrent writers of one key leave one entry.
-        primary = self._load(step_hash, input_hash)
-        if primary is None or primary.reads == entry.reads:
-            self.store.put(step_hash, input_hash, blob)
+        if blob is not None and not self.store.contains(BLOBS, blob):
+            self.store.put(BLOBS, blob, output)  # before any manifest points at it
+        # A variant only when the primary was made from other reads.
+        primary = self._manifest(step_hash, input_hash)
+        if primary is None:
+            if self.store.put_new(step_hash, input_hash, primary_frame):
+                return True
+            primary = self._manifest(step_hash, input_hash)  # another run published first
+            if primary is None:  # something unreadable is in the way: replace it
+                self.store.put(step_hash, input_hash, primary_frame)
+                return True
+        if primary.reads == entry.reads:
             return True
         keys = frozenset(entry.reads)
         if keys != frozenset(primary.reads) and not self._index(step_hash, input_hash, keys):
             return True  # a lookup could never find it: not worth a write
-        self.store.put(step_hash, f"{input_hash}.{_variant_digest(entry.reads)}", blob)
+        variant = f"{input_hash}.{_variant_digest(entry.reads)}"
+        self.store.put_new(step_hash, variant, frame(f"{step_hash}/{variant}"))
         return True
 
     def load_record(self, namespace: str, key: str) -> Any:
-        """A small signed record saved by :meth:`save_record`, or ``None``."""
-        entry = self._load(namespace, key)
-        return None if entry is None else entry.output
+        """A small signed record saved by :meth:`save_record`, or ``None`` (always read fresh)."""
+        frame = self.store.get_fresh(namespace, key)
+        manifest = None if frame is None else self._verified(namespace, key, frame)
+        if manifest is None or manifest.blob is not None:
+            return None
+        try:
+            return manifest.entry().output
+        except CorruptEntryError as exc:
+            self._discard(namespace, key, exc)
+            return None
 
     def save_record(self, namespace: str, key: str, value: Any) -> None:
         """Sign and store a small record (an index, the parts of a step's last key)."""
-        self.store.put(namespace, key, encode_entry(CacheEntry(output=value), self.key))
+        frame = make_manifest(CacheEntry(output=value), self.key, f"{namespace}/{key}", kind="record")
+        self.store.put(namespace, key, frame)
 
     def _variant(self, step_hash: str, input_hash: str, reads: dict[Any, str]) -> CacheEntry | None:
-        found = self._load(step_hash, f"{input_hash}.{_variant_digest(reads)}")
-        return found if found is not None and found.reads == reads else None
+        name = f"{input_hash}.{_variant_digest(reads)}"
+        manifest = self._manifest(step_hash, name)
+        if manifest is None or manifest.reads != reads:
+            return None
+        return self._open(step_hash, name, manifest)
 
     def _key_sets(self, step_hash: str, input_hash: str) -> list[frozenset[Any]]:
         sets = self.load_record(step_hash, f"{input_hash}{_INDEX}")
@@ -283,17 +294,46 @@ class StepCache:
             return False
         return True
 
-    def _load(self, step_hash: str, key: str) -> CacheEntry | None:
-        blob = self.store.get(step_hash, key)
-        if blob is None:
-            return None
+    def _manifest(self, namespace: str, key: str) -> Manifest | None:
+        frame = self.store.get(namespace, key)
+        return None if frame is None else self._verified(namespace, key, frame)
+
+    def _verified(self, namespace: str, key: str, frame: bytes) -> Manifest | None:
         try:
-            return decode_entry(blob, self.key)
+            return open_manifest(frame, self.key, f"{namespace}/{key}")
         except CorruptEntryError as exc:
-            log.warning("Cache entry %s is damaged (%s); recomputing it.", self.store.where(step_hash, key), exc)
-            self.store.delete(step_hash, key)
+            self._discard(namespace, key, exc)
             return None
 
+    def _open(self, namespace: str, key: str, manifest: Manifest) -> CacheEntry | None:
+        """The entry of a verified manifest: its output read and checked; ``None`` if lost."""
+        try:
+            if manifest.blob is None:
+                entry = manifest.entry()
+            else:
+                data = self.store.get(BLOBS, manifest.blob)
+                if data is None:
+                    log.warning("Cache entry %s points at output blob %s, which is missing; "
+                                "recomputing it.", self.store.where(namespace, key), manifest.blob)
+                    self.store.delete(namespace, key)
+                    return None
+                try:
+                    manifest.check_blob(data, self.key)
+                except CorruptEntryError:
+                    self.store.delete(BLOBS, manifest.blob)
+                    raise
+                entry = manifest.entry(data)
+        except CorruptEntryError as exc:
+            self._discard(namespace, key, exc)
+            return None
+        if time.time() - manifest.header.get("used", 0) > TOUCH_SECONDS:
+            # Last use, for `crystallize cache gc`: object stores keep no access times.
+            self.store.put(namespace, key, manifest.touched(self.key, f"{namespace}/{key}"))
+        return entry
+
+    def _discard(self, namespace: str, key: str, exc: Exception) -> None:
+        log.warning("Cache entry %s is damaged (%s); recomputing it.", self.store.where(namespace, key), exc)
+        self.store.delete(namespace, key)
 
 
 class _CurrentReads:

@@ -28,7 +28,7 @@ from .pipeline import Pipeline
 from .plugins import BasePlugin, SeedPlugin, check_plugin
 from .result import Result, RunResult
 from .runner import RunSpec
-from .stores import CacheStore, LocalCacheStore
+from .stores import CacheStore, open_store
 from .sysinfo import environment_facts, utc_iso
 from .table import treatment_params
 from .treatments import BASELINE, Treatment, unknown_keys, unread_keys
@@ -55,8 +55,10 @@ class Experiment:
         name: used in logs, artifact folders and task names.
         initial_ctx: the baseline's configuration, added to every run's context;
             a treatment may override these keys for its own condition.
-        cache: the store for cacheable steps (``None``: ``./.cache`` or
-            ``$CRYSTALLIZE_CACHE_DIR``; ``False``: no caching).
+        cache: the store for cacheable steps: a store, a directory, or a URL
+            (``"s3://bucket/prefix"``, ``gs://``, ``az://``: see :class:`UrlStore`);
+            ``None`` for ``$CRYSTALLIZE_CACHE_URL``, else ``$CRYSTALLIZE_CACHE_DIR``,
+            else ``./.cache``; ``False`` for no caching.
         journal: where each finished run is appended as it arrives, so that
             ``run(resume=True)`` after a crash runs only what is missing (see
             :mod:`crystallize.journal`): a directory; ``None`` for
@@ -182,8 +184,8 @@ class Experiment:
             names.add(h.name)
         if not (self.cache is None or isinstance(self.cache, (bool, str, os.PathLike, CacheStore))):
             problems.append(
-                f"cache must be a cache store, a directory path, False (no caching) or None "
-                f"(the default ./.cache), got {type(self.cache).__name__}: {self.cache!r}."
+                f"cache must be a cache store, a directory path, False (no caching), None "
+                f"(the default ./.cache) or a URL such as 's3://bucket/prefix', got {type(self.cache).__name__}: {self.cache!r}."
             )
         bad_keys = [k for k in self.initial_ctx if k in _RESERVED or not isinstance(k, str)]
         if bad_keys:
@@ -309,7 +311,7 @@ class Experiment:
         job.treatments = list(self.treatments if treatments is None else treatments)
         job.hypotheses = list(self.hypotheses if hypotheses is None else hypotheses)
         if isinstance(job.cache, (str, os.PathLike)):
-            job.cache = LocalCacheStore(job.cache)
+            job.cache = open_store(job.cache)  # a directory or a URL such as s3://bucket/prefix
         problems = job._problems(job.treatments, job.hypotheses, job.replicates)
         if job.hypotheses and not job.treatments:
             problems.append("hypotheses compare treatments with the baseline, but there are no treatments.")

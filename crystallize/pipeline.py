@@ -25,7 +25,7 @@ from .hashing import UnhashableValueError, hash_struct, hash_value
 from .provenance import CacheStatus, StepRecord
 from .randomness import capture, consumed, restore
 from .steps import FunctionStep, PipelineStep, is_step_factory, step_key
-from .stores import CacheStore, default_cache_store
+from .stores import CacheStore, default_cache_store, open_store
 
 __all__ = ["Pipeline"]
 
@@ -74,7 +74,7 @@ class Pipeline:
         return any(step.is_async() for step in self.steps)
 
     def run(
-        self, data: Any, ctx: FrozenContext | None = None, *, cache: CacheStore | bool | None = None
+        self, data: Any, ctx: FrozenContext | None = None, *, cache: CacheStore | str | bool | None = None
     ) -> Any:
         """Run every step over ``data`` and return the last step's output.
 
@@ -85,8 +85,10 @@ class Pipeline:
         Args:
             data: the first step's input.
             ctx: the run's context; a new empty one if omitted.
-            cache: the store for cacheable steps; ``None`` or ``True`` for the default
-                (``$CRYSTALLIZE_CACHE_DIR`` or ``./.cache``), ``False`` for no caching.
+            cache: the store for cacheable steps: a store, a URL (``"s3://bucket/prefix"``)
+                or a directory; ``None`` or ``True`` for the default
+                (``$CRYSTALLIZE_CACHE_URL``, ``$CRYSTALLIZE_CACHE_DIR`` or ``./.cache``),
+                ``False`` for no caching.
 
         Raises:
             StepError: a step raised (its exception is ``__cause__``).
@@ -99,7 +101,7 @@ class Pipeline:
         return drive(self.loop(data, _context(ctx), cache))
 
     async def arun(
-        self, data: Any, ctx: FrozenContext | None = None, *, cache: CacheStore | bool | None = None
+        self, data: Any, ctx: FrozenContext | None = None, *, cache: CacheStore | str | bool | None = None
     ) -> Any:
         """Like :meth:`run`, awaiting async steps in the running event loop."""
         self.forget_cache_identities()
@@ -118,7 +120,7 @@ class Pipeline:
             step.forget_cache_identity()
 
     # -- the one step loop ----------------------------------------------------
-    def loop(self, data: Any, ctx: FrozenContext, cache: CacheStore | bool | None = None) -> Loop:
+    def loop(self, data: Any, ctx: FrozenContext, cache: CacheStore | str | bool | None = None) -> Loop:
         """The step loop as a generator that yields each awaitable a step returns.
 
         :meth:`run` and :meth:`arun` drive it; a runner drives it inside a larger
@@ -132,7 +134,7 @@ class Pipeline:
         """
         step_cache = None
         if cache is not False and any(step.cacheable for step in self.steps):
-            store = default_cache_store() if cache is None or cache is True else cache
+            store = default_cache_store() if cache is None or cache is True else open_store(cache)
             step_cache = StepCache(store)
         token = _ACTIVE.set(ctx)
         try:
@@ -172,6 +174,7 @@ def _run_step(
 ) -> Loop:
     """Run one step: resolve parameters, look the cache up, call, record provenance."""
     started = time.perf_counter()
+    flight = None
     caching = step.cacheable and cache is not None
     # A cacheable step's reads are digested as they happen (see _StepRecorder).
     recorder = _StepRecorder(value_digest if caching else None)
@@ -189,8 +192,14 @@ def _run_step(
         if keys is not None:
             cache.failed = False  # type: ignore[union-attr]  # this step's store errors only
             entry, miss = _lookup(cache, keys, ctx, step, index)  # type: ignore[arg-type]
+            if entry is None:  # single flight: wait while another run computes this entry
+                flight = yield from cache.single_flight(keys.step_hash, keys.input_hash, ctx)  # type: ignore[union-attr]
+                if flight.entry is not None:
+                    entry, miss = flight.entry, None
+                    _replay_step(entry, ctx, step, index)
             if entry is not None:
-                _record(ctx, step, index, params, keys, "hit", tuple(entry.reads), recorder, started)
+                _record(ctx, step, index, params, keys, "hit", tuple(entry.reads), recorder, started,
+                        waited=flight.waited if flight is not None else 0.0)
                 return entry.output
             # What the step may draw from, as it finds it (see crystallize.randomness).
             generators = _capture(step, ctx)
@@ -211,10 +220,12 @@ def _run_step(
             if cache.failed:  # type: ignore[union-attr]  # warned once by the store; the run stands
                 status = "error"
         _record(ctx, step, index, params, keys, status, tuple(recorder.reads), recorder, started,
-                miss.reason if miss else None)
+                miss.reason if miss else None, waited=flight.waited if flight is not None else 0.0)
         return output
     finally:
         ctx._recorder = None
+        if flight is not None:  # stored, or failed: either way the waiting runs may go on
+            flight.release()
 
 
 def _lookup(
@@ -231,11 +242,15 @@ def _lookup(
         cache_log.debug("Step %r (index %d) missed the cache: %s.", step.name, index,
                         miss.reason or "no entry for this step yet")
         return None, miss
+    _replay_step(entry, ctx, step, index)
+    return entry, None
+
+
+def _replay_step(entry: CacheEntry, ctx: FrozenContext, step: PipelineStep, index: int) -> None:
     try:
         _replay(entry, ctx)
     except Exception as exc:  # fail as the step itself would have
         raise StepError(step.name, index, exc) from exc
-    return entry, None
 
 
 def _capture(step: PipelineStep, ctx: FrozenContext) -> list[Any] | None:
@@ -317,7 +332,7 @@ def _store(
         return "skipped"
     entry = CacheEntry(output, list(recorder.metrics), list(recorder.added), reads,
                        list(recorder.artifacts), {key: after for key, _, after in moved})
-    if not cache.save(keys.step_hash, keys.input_hash, entry):
+    if not cache.save(keys.step_hash, keys.input_hash, entry, step=step.name):
         log.warning("Step %r: output not cached (see the warning above).", step.name)
         return "skipped"
     if miss is not None and miss.namespace is not None:
@@ -353,13 +368,14 @@ def _record(
     ctx: FrozenContext, step: PipelineStep, index: int, params: dict[str, Any],
     keys: _Keys | None, status: CacheStatus,
     reads: tuple[str, ...], recorder: _StepRecorder, started: float, miss_reason: str | None = None,
+    *, waited: float = 0.0,
 ) -> None:
     ctx.provenance.append(StepRecord(
         name=step.name, index=index, params=params,
         step_hash=keys.step_hash if keys else None,
         input_hash=keys.input_hash if keys else None, cache=status, reads=reads,
         added=tuple(k for k, _ in recorder.added), seconds=time.perf_counter() - started,
-        miss_reason=miss_reason,
+        miss_reason=miss_reason, waited=waited,
     ))
 
 

@@ -43,6 +43,9 @@ class StepRecord:
             changed: numpy"`` (several joined by ``"; "``), ``"entry missing"`` when
             nothing differs; ``None`` on a hit, with the cache off, or when the cache
             holds nothing for the step yet.
+        waited: seconds this run waited while another run computed the same entry
+            (single flight); the step is then a ``"hit"`` (or, if the other run
+            failed, a ``"miss"`` computed here).
     """
 
     name: str
@@ -55,3 +58,4 @@ class StepRecord:
     added: tuple[str, ...] = ()
     seconds: float = 0.0
     miss_reason: str | None = None
+    waited: float = 0.0

@@ -22,10 +22,17 @@ hit, where HMAC-SHA256 cost about 600 µs (75 % of the hit; see
 ``benchmarks/bench_cache.py``). A random nonce per entry keeps GMAC's one rule (never
 reuse a nonce under one key) far below its bound for any cache.
 
+A MAC may also bind a *context*, e.g. where a manifest is stored
+(``"<step hash>/<input hash>"``), so that a valid signed entry copied into another
+key's slot does not verify there.
+
 Example:
     >>> key = b"k" * 32
     >>> mac = sign(b"body", key)
     >>> verify(mac, b"body", key), verify(mac, b"bodY", key)
+    (True, False)
+    >>> mac = sign(b"body", key, context=b"step/input")
+    >>> verify(mac, b"body", key, b"step/input"), verify(mac, b"body", key, b"step/other")
     (True, False)
 """
 
@@ -100,22 +107,36 @@ def cache_key() -> bytes:
     return key
 
 
-def sign(body: bytes | memoryview, key: bytes) -> bytes:
-    """The MAC of ``body`` under ``key``: a random nonce and its GMAC tag (:data:`MAC_SIZE` bytes)."""
+def sign(body: bytes | memoryview, key: bytes, context: bytes = b"") -> bytes:
+    """The MAC of ``body`` under ``key``: a random nonce and its GMAC tag (:data:`MAC_SIZE` bytes).
+
+    Args:
+        body: what to authenticate.
+        key: the MAC key.
+        context: bound into the MAC with the body (e.g. where an entry is stored), so
+            the MAC verifies only with the same context: a signed manifest copied into
+            another key's slot does not verify there. Costs a copy of ``body``; meant
+            for small bodies.
+    """
     nonce = os.urandom(_NONCE)
-    return nonce + _cipher(key).encrypt(nonce, b"", body)
+    return nonce + _cipher(key).encrypt(nonce, b"", _bound(body, context))
 
 
-def verify(mac: bytes | memoryview, body: bytes | memoryview, key: bytes) -> bool:
-    """Whether ``mac`` is ``body``'s MAC under ``key`` (the tag is checked in constant time)."""
+def verify(mac: bytes | memoryview, body: bytes | memoryview, key: bytes, context: bytes = b"") -> bool:
+    """Whether ``mac`` is ``body``'s MAC under ``key`` and ``context`` (tag checked in constant time)."""
     mac = bytes(mac)
     if len(mac) != MAC_SIZE:
         return False
     try:
-        _cipher(key).decrypt(mac[:_NONCE], mac[_NONCE:], body)
+        _cipher(key).decrypt(mac[:_NONCE], mac[_NONCE:], _bound(body, context))
     except InvalidTag:
         return False
     return True
+
+
+def _bound(body: bytes | memoryview, context: bytes) -> bytes | memoryview:
+    # Length-prefixed, so (context, body) pairs never collide; no context, no copy.
+    return body if not context else len(context).to_bytes(4, "big") + context + bytes(body)
 
 
 def _cipher(key: bytes) -> AESGCM:

@@ -1,4 +1,9 @@
-"""Concurrent writers: eight real processes storing the same cache key at once."""
+"""Concurrent writers: eight real processes storing the same cache key at once.
+
+Single flight is turned off here (``CRYSTALLIZE_CACHE_MAX_WAIT=0``: no run waits for
+another), so the writers really race; with it on they compute once (see
+``tests/test_shared_cache_flight.py``).
+"""
 
 from __future__ import annotations
 
@@ -75,6 +80,7 @@ def test_concurrent_writers_of_one_key_leave_one_valid_entry(tmp_path, monkeypat
         COUNTER_FILE=str(counter),
         GATE=str(gate),
         READY_DIR=str(ready),
+        CRYSTALLIZE_CACHE_MAX_WAIT="0",
     )
 
     procs = [
@@ -111,9 +117,13 @@ def test_concurrent_writers_of_one_key_leave_one_valid_entry(tmp_path, monkeypat
     assert sum(r["cache"] == "miss" for r in results) == _count(counter)
 
     ((step_hash, input_hash),) = {(r["step_hash"], r["input_hash"]) for r in results}
-    # Besides the entry only the step's key record (which explains later misses).
+    # Besides the entry (a manifest, and its 1 MB output in one blob) only the step's
+    # key record, which explains later misses: no variants, no .tmp, no lease left.
     files = sorted(p for p in cache_dir.rglob("*") if p.is_file() and p.name != f"{RECORD_KEY}.pkl")
-    assert files == [cache_dir / step_hash / f"{input_hash}.pkl"]  # no variants, no .tmp
+    manifest = cache_dir / step_hash / f"{input_hash}.pkl"
+    assert [p for p in files if p.parent.name != "blobs"] == [manifest]
+    (blob,) = [p for p in files if p.parent.name == "blobs"]
+    assert blob.stat().st_size > 1 << 20 > manifest.stat().st_size
 
     # The surviving entry is whole: this process hits it without running the step.
     monkeypatch.syspath_prepend(str(src))

@@ -62,6 +62,11 @@ def entry_file(cache_dir: Path, result) -> Path:
     return LocalCacheStore(cache_dir).path(record.step_hash, record.input_hash)
 
 
+def decode_file(path: Path, key: bytes):
+    """The entry in ``path``, verified: its MAC binds the slot it is stored in."""
+    return decode_entry(path.read_bytes(), key, where=f"{path.parent.name}/{path.stem}")
+
+
 class CreatesAFile:
     """Unpickling this opens (creates) ``marker`` for writing: code runs on load."""
 
@@ -106,7 +111,7 @@ def test_a_forged_entry_is_never_unpickled_and_is_rewritten(forge, tmp_path, cap
     assert str(path) in warning and "does not verify" in warning
     # Rewritten in place, signed with this user's key.
     assert entry_file(tmp_path / "cache", result) == path
-    assert decode_entry(path.read_bytes(), cache_key()).output == [1, 4, 9]
+    assert decode_file(path, cache_key()).output == [1, 4, 9]
 
 
 def test_an_entry_of_the_unsigned_format_is_a_miss_and_is_rewritten(tmp_path, caplog):
@@ -117,7 +122,7 @@ def test_an_entry_of_the_unsigned_format_is_a_miss_and_is_rewritten(tmp_path, ca
         result = experiment().run()
     assert result.runs[0].provenance[0].cache == "miss"
     assert "bad header" in caplog.text
-    assert decode_entry(path.read_bytes(), cache_key()).output == [1, 4, 9]
+    assert decode_file(path, cache_key()).output == [1, 4, 9]
 
 
 def test_decode_rejects_a_body_signed_with_another_key():
@@ -137,8 +142,8 @@ def test_the_key_file_is_made_0600_in_the_config_dir_outside_the_cache(isolated_
     assert len(isolated_key.read_text().strip()) == 64
     assert not list((tmp_path / "cache").rglob("cache.key"))
     assert [p.name for p in isolated_key.parent.iterdir()] == ["cache.key"]  # no temp files left
-    blob = entry_file(tmp_path / "cache", result).read_bytes()
-    assert decode_entry(blob, key_from_text(isolated_key.read_text().strip())).output == [1, 4, 9]
+    path = entry_file(tmp_path / "cache", result)
+    assert decode_file(path, key_from_text(isolated_key.read_text().strip())).output == [1, 4, 9]
 
 
 def test_without_xdg_config_home_the_key_lives_in_dot_config(tmp_path, monkeypatch):
@@ -152,10 +157,10 @@ def test_the_environment_key_overrides_the_file(isolated_key, tmp_path, monkeypa
     monkeypatch.setenv(KEY_ENV, "shared by the whole cluster")
     result = experiment().run()
     assert not isolated_key.exists()
-    blob = entry_file(tmp_path / "cache", result).read_bytes()
-    assert decode_entry(blob, key_from_text("shared by the whole cluster")).output == [1, 4, 9]
+    path = entry_file(tmp_path / "cache", result)
+    assert decode_file(path, key_from_text("shared by the whole cluster")).output == [1, 4, 9]
     with pytest.raises(CorruptEntryError):
-        decode_entry(blob, key_from_text("another"))
+        decode_file(path, key_from_text("another"))
 
 
 def test_the_file_text_works_as_the_environment_key(isolated_key, monkeypatch):
@@ -322,14 +327,14 @@ def test_workers_with_other_key_files_use_the_drivers_key(tmp_path, monkeypatch)
     # Another node, another key file: it verifies node 1's entry with the driver's key.
     assert run_worker(keyed, tmp_path / "node-2")[:-1] == ["hit", "14", "hit", "14", "hit", "14"]
     entry = Path(entry_name)
-    assert decode_entry(entry.read_bytes(), key_from_text("the driver's key")).output == [1, 4, 9]
+    assert decode_file(entry, key_from_text("the driver's key")).output == [1, 4, 9]
 
     # Shipped without the driver's key, a third node cannot verify the entry: a miss,
     # and the entry is rewritten under that node's own key.
     unkeyed = ship(exp, tmp_path / "unkeyed.pkl")
     assert run_worker(unkeyed, tmp_path / "node-3")[:-1] == ["miss", "14", "hit", "14", "hit", "14"]
     node_3_key = key_from_text((tmp_path / "node-3" / "crystallize" / "cache.key").read_text().strip())
-    assert decode_entry(entry.read_bytes(), node_3_key).output == [1, 4, 9]
+    assert decode_file(entry, node_3_key).output == [1, 4, 9]
 
 
 def test_resolve_cache_leaves_an_uncached_experiment_without_a_key(isolated_key):
@@ -352,5 +357,5 @@ def test_ray_workers_sign_with_the_drivers_key(ray_session, tmp_path, monkeypatc
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert result.errors == []
     assert result.metrics.baseline.metrics == {"total": [14] * REPLICATES}
-    entry = entry_file(tmp_path / "cache", result).read_bytes()
-    assert decode_entry(entry, key_from_text("only the driver knows")).output == [1, 4, 9]
+    entry = entry_file(tmp_path / "cache", result)
+    assert decode_file(entry, key_from_text("only the driver knows")).output == [1, 4, 9]
