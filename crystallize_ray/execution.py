@@ -40,7 +40,7 @@ from crystallize.backend import (
     worker_died,
 )
 
-from . import _worker
+from . import _worker, cache_tier
 
 __all__ = ["RayExecution"]
 
@@ -87,6 +87,10 @@ class RayExecution(ExecutionBackend):
             (default 0: step errors are recorded, not retried).
         progress: show a progress line over runs in the driver.
         init_kwargs: extra arguments for ``ray.init`` when this backend starts Ray.
+        object_store_cache: share cached step outputs between the cluster's nodes
+            through Ray's object store (``True``, the default, keeps up to 2 GiB; an
+            integer sets the bound in bytes; ``False`` turns it off). See
+            ``crystallize_ray/cache_tier.py``.
 
     Raises:
         ImportError: Ray is not installed (the message gives the pip command).
@@ -117,6 +121,7 @@ class RayExecution(ExecutionBackend):
         retry_errors: int = 0,
         progress: bool = False,
         init_kwargs: Mapping[str, Any] | None = None,
+        object_store_cache: bool | int = True,
     ) -> None:
         import_ray()
         owner = "RayExecution"
@@ -135,6 +140,8 @@ class RayExecution(ExecutionBackend):
                      "None or an integer >= 1")
         check_option(owner, "retry_errors", retry_errors, lambda v: is_int(v, 0), "an integer >= 0")
         check_option(owner, "progress", progress, lambda v: isinstance(v, bool), "True or False")
+        check_option(owner, "object_store_cache", object_store_cache,
+                     lambda v: isinstance(v, bool) or is_int(v, 1), "True, False or a number of bytes >= 1")
         self.address = address
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
@@ -146,6 +153,7 @@ class RayExecution(ExecutionBackend):
         self.retry_errors = retry_errors
         self.progress = progress
         self.init_kwargs = dict(init_kwargs or {})
+        self.object_store_cache = object_store_cache
 
     # -- connecting -------------------------------------------------------------
     def connect(self) -> bool:
@@ -172,6 +180,8 @@ class RayExecution(ExecutionBackend):
         ray = import_ray()
         # Resolve ./.cache in the driver: Ray workers may run in another directory.
         job = resolve_cache(experiment)
+        if self.object_store_cache:  # nodes share cached outputs through the object store
+            job = cache_tier.share_outputs(job, self.object_store_cache)
         blob = serialize_experiment(job, backend="Ray")  # fails before any task
         started = self.connect()
         try:
