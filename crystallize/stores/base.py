@@ -32,6 +32,9 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, Protocol, TypeVar, runtime_checkable
 
+from ._warn import warn_once
+from .leases import GuardedLease
+
 __all__ = ["CACHE_DIR_ENV", "CACHE_URL_ENV", "CacheStore", "GuardedStore", "KeyedStore", "StoredObject",
            "capability", "warn_once"]
 
@@ -141,8 +144,6 @@ class GuardedStore:
         scopes = capability(self.store, "lease_scopes")
         if scopes is None or self._disabled:
             return []
-        from .leases import GuardedLease
-
         return [GuardedLease(scope, self.store) for scope in scopes(namespace, key)]
 
     def disable(self, problem: Exception) -> None:
@@ -246,19 +247,6 @@ class KeyedStore:
 
     def __repr__(self) -> str:  # never the key
         return f"KeyedStore({self.store!r})"
-
-
-_warned: set[tuple[Any, ...]] = set()
-_warned_lock = threading.Lock()
-
-
-def warn_once(problem: tuple[Any, ...], message: str, *args: Any) -> None:
-    """Log ``message`` at WARNING the first time ``problem`` is met in this process."""
-    with _warned_lock:
-        if problem in _warned:
-            return
-        _warned.add(problem)
-    log.warning(message, *args)
 
 
 def walk_all(store: Any) -> Iterator[StoredObject]:

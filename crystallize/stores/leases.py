@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from .base import warn_once
+from ._warn import warn_once
 from .flight import env_seconds
 
 __all__ = ["HOLDER", "LEASE_SECONDS_ENV", "GuardedLease", "StoreLease", "lease_seconds"]
