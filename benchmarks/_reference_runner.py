@@ -285,9 +285,7 @@ def _run_ray(args, info: dict):
             ray.shutdown()
     if shutdown_seconds:
         info["ray_shutdown_seconds"] = round(shutdown_seconds[0], 4)
-        info["per_run_ms_excl_shutdown"] = round(
-            (elapsed - shutdown_seconds[0]) * 1000.0 / args.runs, 4
-        )
+        info["per_run_ms_excl_shutdown"] = round((elapsed - shutdown_seconds[0]) * 1000.0 / args.runs, 4)
     return result, elapsed
 
 
@@ -369,8 +367,12 @@ def main(argv=None) -> int:
         help="pass LoggingPlugin(log_level=...); default: the reference's default "
         "LoggingPlugin (INFO, which logs one line per replicate to stderr)",
     )
-    parser.add_argument("--workload", choices=["noop", "matmul"], default="noop",
-                        help="noop (default) or matmul: repeated 400x400 products per run")
+    parser.add_argument(
+        "--workload",
+        choices=["noop", "matmul"],
+        default="noop",
+        help="noop (default) or matmul: repeated 400x400 products per run",
+    )
     parser.add_argument("--ray-cpus", type=int, default=2)
     parser.add_argument("--no-ray-patch", action="store_true")
     parser.add_argument("--no-ray-warmup", action="store_true")

@@ -69,8 +69,11 @@ def table(title: str, header: list[str], rows: list[list[str]], text_columns: in
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     print(line)
     for row in rows:
-        print("  ".join(str(c).rjust(w) if i >= text_columns else str(c).ljust(w)
-                        for i, (c, w) in enumerate(zip(row, widths))))
+        print(
+            "  ".join(
+                str(c).rjust(w) if i >= text_columns else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))
+            )
+        )
 
 
 # -- 1. array hashing -----------------------------------------------------------------
@@ -109,10 +112,16 @@ def bench_lists(repeat: int) -> None:
         ours = best_of(repeat, lambda: hash_value(values))
         alt = best_of(repeat, lambda: xxhash.xxh3_128(pickle.dumps(values, protocol=5)).hexdigest())
         for method, seconds in (("crystallize.hash_value", ours), ("pickle.dumps + xxh3", alt)):
-            rows.append([
-                label, method, f"{seconds * 1e3:.1f}", f"{n / seconds / 1e6:.1f}",
-                f"{n * 8 / seconds / 1e6:.0f}", f"{seconds / alt:.2f}x",
-            ])
+            rows.append(
+                [
+                    label,
+                    method,
+                    f"{seconds * 1e3:.1f}",
+                    f"{n / seconds / 1e6:.1f}",
+                    f"{n * 8 / seconds / 1e6:.0f}",
+                    f"{seconds / alt:.2f}x",
+                ]
+            )
     table(
         "2. Hashing Python lists (MB/s counts 8 bytes per element)",
         ["input", "method", "ms", "M elements/s", "MB/s", "time vs pickle+xxh3"],
@@ -192,8 +201,10 @@ def bench_cold_warm(repeat: int, cache_root: Path) -> None:
     table(
         "4. A 3-step pipeline whose cacheable step sleeps 0.1 s",
         ["run", "ms", "speed-up"],
-        [["cold (empty cache)", f"{cold * 1e3:.2f}", "1.0x"],
-         ["warm (cache hit)", f"{warm * 1e3:.2f}", f"{cold / warm:.0f}x"]],
+        [
+            ["cold (empty cache)", f"{cold * 1e3:.2f}", "1.0x"],
+            ["warm (cache hit)", f"{warm * 1e3:.2f}", f"{cold / warm:.0f}x"],
+        ],
     )
 
 
@@ -215,8 +226,7 @@ def bench_signing(repeat: int, hit_seconds: float) -> None:
     rows = []
     for label, fn in timings:
         seconds = best_of(repeat, lambda: [fn() for _ in range(loops)]) / loops
-        rows.append([label, f"{seconds * 1e6:.0f}", f"{ONE_MB / seconds / 1e9:.2f}",
-                     f"{seconds / hit_seconds:.0%}"])
+        rows.append([label, f"{seconds * 1e6:.0f}", f"{ONE_MB / seconds / 1e9:.2f}", f"{seconds / hit_seconds:.0%}"])
     table(
         "5. Signing and verifying 1 MB of entry body",
         ["method", "µs per MB", "GB/s", "share of a 1 MB hit"],
@@ -298,13 +308,21 @@ def bench_randomness(repeat: int) -> None:
                     best[kind, capturing] = min(best.get((kind, capturing), float("inf")), seconds)
         for kind in ("hit", "miss"):
             on, without, off = best[kind, True], best[kind, False], best["off", True]
-            rows.append([f"{label}, {kind}", f"{on * 1e6:.0f}", f"{without * 1e6:.0f}",
-                         f"{(on - without) * 1e6:+.0f}", f"{on / without:.2f}x",
-                         f"{(on - off) * 1e6:.0f}"])
+            rows.append(
+                [
+                    f"{label}, {kind}",
+                    f"{on * 1e6:.0f}",
+                    f"{without * 1e6:.0f}",
+                    f"{(on - without) * 1e6:+.0f}",
+                    f"{on / without:.2f}x",
+                    f"{(on - off) * 1e6:.0f}",
+                ]
+            )
     ctx = context()
     capture_only = best_of(repeat, lambda: [consumed(capture(ctx)) for _ in range(loops)]) / loops
-    rows.append(["capture + compare alone (random, numpy, 2 ctx generators)",
-                 f"{capture_only * 1e6:.0f}", "-", "-", "-", "-"])
+    rows.append(
+        ["capture + compare alone (random, numpy, 2 ctx generators)", f"{capture_only * 1e6:.0f}", "-", "-", "-", "-"]
+    )
     table(
         "6. Keying a cacheable step on a small input, with and without randomness capture "
         "(µs per Pipeline.run of one step, in-memory store)",
@@ -319,9 +337,11 @@ def main() -> None:
     parser.add_argument("--array-mb", type=int, default=256)
     args = parser.parse_args()
 
-    print(f"crystallize {crystallize.__version__}, Python {platform.python_version()}, "
-          f"numpy {np.__version__}, xxhash {xxhash.VERSION}, {platform.machine()}, "
-          f"{os.cpu_count()} CPUs; best of {args.repeat}")
+    print(
+        f"crystallize {crystallize.__version__}, Python {platform.python_version()}, "
+        f"numpy {np.__version__}, xxhash {xxhash.VERSION}, {platform.machine()}, "
+        f"{os.cpu_count()} CPUs; best of {args.repeat}"
+    )
     cache_root = Path(tempfile.mkdtemp(prefix="crystallize-bench-"))
     try:
         bench_array(args.repeat, args.array_mb)

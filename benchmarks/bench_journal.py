@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from _checked import METRIC, run_checked
+
 from crystallize import (
     Experiment,
     ParallelExecution,
@@ -57,13 +58,22 @@ def record_metric(data, ctx, *, scale: float = 1.0):
 
 
 def probe(backend, journal, runs: int) -> Experiment:
-    return Experiment(constant_source(), Pipeline([passthrough(), record_metric()]), plugins=[backend],
-                      name="journal_probe", replicates=runs, journal=journal, cache=False)
+    return Experiment(
+        constant_source(),
+        Pipeline([passthrough(), record_metric()]),
+        plugins=[backend],
+        name="journal_probe",
+        replicates=runs,
+        journal=journal,
+        cache=False,
+    )
 
 
 def per_run_table(runs: int, repeat: int, scratch: Path) -> None:
-    backends = {"SerialExecution": SerialExecution,
-                "Parallel process x2": lambda: ParallelExecution(max_workers=2, executor_type="process")}
+    backends = {
+        "SerialExecution": SerialExecution,
+        "Parallel process x2": lambda: ParallelExecution(max_workers=2, executor_type="process"),
+    }
     print(f"no-op runs: {runs} runs, best of {repeat}; ms per run")
     header = f"{'backend':<24}{'no journal':>12}{'journal':>12}{'cost/run':>12}{'share':>9}"
     print(header)
@@ -78,9 +88,15 @@ def resume_table(runs: int, repeat: int, scratch: Path) -> None:
     replicates = runs // 2
 
     def exp() -> Experiment:
-        return Experiment(constant_source(), Pipeline([passthrough(), record_metric()]),
-                          treatments=[Treatment("scaled", {"scale": 2.0})], name="resume_probe",
-                          replicates=replicates, journal=scratch / "resume", cache=False)
+        return Experiment(
+            constant_source(),
+            Pipeline([passthrough(), record_metric()]),
+            treatments=[Treatment("scaled", {"scale": 2.0})],
+            name="resume_probe",
+            replicates=replicates,
+            journal=scratch / "resume",
+            cache=False,
+        )
 
     written = exp().run()
     assert len(written.runs) == runs and not written.errors
@@ -111,8 +127,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--resume-runs", type=int, default=10_000)
     args = parser.parse_args()
-    print(f"Python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs; "
-          f"{sys.platform}\n")
+    print(f"Python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs; {sys.platform}\n")
     with tempfile.TemporaryDirectory(prefix="crystallize_bench_journal_") as scratch:
         per_run_table(args.runs, args.repeat, Path(scratch))
         resume_table(args.resume_runs, args.repeat, Path(scratch))

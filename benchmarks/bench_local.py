@@ -39,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from _checked import METRIC, run_checked
+
 from crystallize import (
     ArtifactPlugin,
     AsyncExecution,
@@ -139,7 +140,8 @@ NUMPY_BACKENDS: dict[str, Callable[[], ExecutionBackend]] = {
     "serial": SerialExecution,
     # Before threads_per_worker: each worker's BLAS used every CPU (oversubscribed).
     "process, BLAS threads = all CPUs": lambda: ParallelExecution(
-        max_workers=WORKERS, executor_type="process", threads_per_worker=os.cpu_count() or 1),
+        max_workers=WORKERS, executor_type="process", threads_per_worker=os.cpu_count() or 1
+    ),
     "process (default: CPU share)": lambda: ParallelExecution(max_workers=WORKERS, executor_type="process"),
 }
 
@@ -169,8 +171,10 @@ def numpy_table(runs: int, repeat: int, ref_python: Path | None) -> None:
         for name in NUMPY_BACKENDS:
             times[name] = min(time_numpy(name, runs, scratch) for _ in range(repeat))
     serial = times["serial"]
-    print(f"\nnumpy-heavy runs: {runs} runs of {MATMUL_PRODUCTS} products of {MATMUL_SIZE}x{MATMUL_SIZE}, "
-          f"best of {repeat}; speed relative to serial (> 1: faster than serial)")
+    print(
+        f"\nnumpy-heavy runs: {runs} runs of {MATMUL_PRODUCTS} products of {MATMUL_SIZE}x{MATMUL_SIZE}, "
+        f"best of {repeat}; speed relative to serial (> 1: faster than serial)"
+    )
     header = f"{'backend':<40}{'seconds':>10}{'x serial speed':>16}"
     print(header)
     print("-" * len(header))
@@ -181,8 +185,7 @@ def numpy_table(runs: int, repeat: int, ref_python: Path | None) -> None:
         if "error" in ref:
             print(f"{'reference process (crystallize-ml)':<40}{'error':>10}  {ref['error']}")
         else:
-            print(f"{'reference process (crystallize-ml)':<40}{ref['seconds']:>10.3f}"
-                  f"{serial / ref['seconds']:>16.2f}")
+            print(f"{'reference process (crystallize-ml)':<40}{ref['seconds']:>10.3f}{serial / ref['seconds']:>16.2f}")
 
 
 def reference(python: Path, backend: str, runs: int, repeat: int, workload: str = "noop") -> dict:
@@ -190,9 +193,24 @@ def reference(python: Path, backend: str, runs: int, repeat: int, workload: str 
     best: dict | None = None
     for _ in range(repeat):
         proc = subprocess.run(
-            [str(python), str(REFERENCE_RUNNER), "--backend", backend, "--runs", str(runs),
-             "--log-level", "WARNING", "--workers", str(WORKERS), "--workload", workload],
-            capture_output=True, text=True, timeout=600, cwd=tempfile.gettempdir(),
+            [
+                str(python),
+                str(REFERENCE_RUNNER),
+                "--backend",
+                backend,
+                "--runs",
+                str(runs),
+                "--log-level",
+                "WARNING",
+                "--workers",
+                str(WORKERS),
+                "--workload",
+                workload,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tempfile.gettempdir(),
         )
         lines = proc.stdout.strip().splitlines()
         try:
@@ -213,22 +231,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=3, help="best of this many (default 3)")
     parser.add_argument(
-        "--reference-python", type=Path,
+        "--reference-python",
+        type=Path,
         default=DEFAULT_REFERENCE_PYTHON if DEFAULT_REFERENCE_PYTHON.exists() else None,
-        help="interpreter of the reference package's environment (default: "
-             f"{DEFAULT_REFERENCE_PYTHON} if it exists)",
+        help=f"interpreter of the reference package's environment (default: {DEFAULT_REFERENCE_PYTHON} if it exists)",
     )
     parser.add_argument("--no-reference", action="store_true", help="skip the reference package")
-    parser.add_argument("--numpy-runs", type=int, default=20,
-                        help="runs of the numpy-heavy table (0 skips it; default 20)")
+    parser.add_argument(
+        "--numpy-runs", type=int, default=20, help="runs of the numpy-heavy table (0 skips it; default 20)"
+    )
     args = parser.parse_args(argv)
     if args.runs < 1 or args.repeat < 1:
         parser.error("--runs and --repeat must be >= 1")
     ref_python = None if args.no_reference else args.reference_python
 
     runs, repeat = args.runs, args.repeat
-    print(f"crystallize local backends: {runs} no-op runs, best of {repeat}; "
-          f"Python {platform.python_version()}, {os.cpu_count()} CPUs, {WORKERS} workers for pools")
+    print(
+        f"crystallize local backends: {runs} no-op runs, best of {repeat}; "
+        f"Python {platform.python_version()}, {os.cpu_count()} CPUs, {WORKERS} workers for pools"
+    )
 
     base = min(bare_loop(runs) for _ in range(repeat))
     ours: dict[str, float] = {}
@@ -266,8 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     if refs:
         print()
-        print(f"reference: crystallize-ml {ref_version or '?'} via {ref_python} "
-              f"(_reference_runner.py --log-level WARNING --workers {WORKERS}); it has no async backend")
+        print(
+            f"reference: crystallize-ml {ref_version or '?'} via {ref_python} "
+            f"(_reference_runner.py --log-level WARNING --workers {WORKERS}); it has no async backend"
+        )
         for name, ref in refs.items():
             if "error" in ref:
                 print(f"reference {name} failed: {ref['error']}")

@@ -69,6 +69,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from _checked import METRIC, run_checked
+
 from crystallize import Experiment, ParallelExecution, Pipeline, pipeline_step
 
 HERE = Path(__file__).resolve().parent
@@ -103,8 +104,9 @@ def constant(ctx):
 
 
 def noop_experiment(backend: object) -> Experiment:
-    return Experiment(datasource=constant, pipeline=Pipeline([record()]),
-                      plugins=[backend], cache=False, name="bench_noop")
+    return Experiment(
+        datasource=constant, pipeline=Pipeline([record()]), plugins=[backend], cache=False, name="bench_noop"
+    )
 
 
 def median_of(repeat: int, measure: Callable[[], float]) -> float:
@@ -135,8 +137,16 @@ def bench_reference(runs: int) -> tuple[dict | None, str]:
     """The reference's RayExecution in its own venv; (its JSON, or None and why)."""
     if not REFERENCE_PYTHON.exists():
         return None, f"skipped: {REFERENCE_PYTHON} does not exist (the reference venv is not installed)"
-    cmd = [str(REFERENCE_PYTHON), str(REFERENCE_RUNNER), "--backend", "ray",
-           "--runs", str(runs), "--log-level", "WARNING"]
+    cmd = [
+        str(REFERENCE_PYTHON),
+        str(REFERENCE_RUNNER),
+        "--backend",
+        "ray",
+        "--runs",
+        str(runs),
+        "--log-level",
+        "WARNING",
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     except subprocess.TimeoutExpired:
@@ -210,13 +220,22 @@ def _timed(fn: Callable[[int], object], arg: int) -> float:
 
 def bench_cpu_bound_subprocess(num_cpus: int, iterations: int, repeat: int) -> float:
     """Wall seconds of the CPU-bound experiment on a fresh Ray with ``num_cpus`` (median)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--cpu-bound-child", str(num_cpus),
-           "--iterations", str(iterations), "--repeat", str(repeat)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--cpu-bound-child",
+        str(num_cpus),
+        "--iterations",
+        str(iterations),
+        "--repeat",
+        str(repeat),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"cpu-bound child (num_cpus={num_cpus}) failed, exit {proc.returncode}: "
-                           f"{proc.stderr[-1500:]}")
+        raise RuntimeError(
+            f"cpu-bound child (num_cpus={num_cpus}) failed, exit {proc.returncode}: {proc.stderr[-1500:]}"
+        )
     return json.loads(lines[-1])["seconds"]
 
 
@@ -226,13 +245,19 @@ def cpu_bound_child(num_cpus: int, iterations: int, repeat: int) -> None:
 
     from crystallize_ray import RayExecution
 
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-             logging_level=logging.WARNING, log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False
+    )
     try:
         noop = ray.remote(_noop)
         ray.get([noop.remote() for _ in range(WARM_TASKS)])
-        exp = Experiment(datasource=constant, pipeline=Pipeline([crunch(iterations=iterations)]),
-                         plugins=[RayExecution()], cache=False, name="bench_cpu")
+        exp = Experiment(
+            datasource=constant,
+            pipeline=Pipeline([crunch(iterations=iterations)]),
+            plugins=[RayExecution()],
+            cache=False,
+            name="bench_cpu",
+        )
         run_checked(exp, num_cpus)  # warm: every worker loads the pipeline
         seconds = median_of(repeat, lambda: run_checked(exp, CPU_RUNS))
     finally:
@@ -269,8 +294,10 @@ def main() -> int:
         parser.error("--runs and --repeat must be >= 1")
     runs, repeat = args.runs, args.repeat
     total_started = time.perf_counter()
-    print(f"bench_ray: {runs} no-op runs per row, median of {repeat}; python {sys.version.split()[0]}, "
-          f"{os.cpu_count()} CPUs\n")
+    print(
+        f"bench_ray: {runs} no-op runs per row, median of {repeat}; python {sys.version.split()[0]}, "
+        f"{os.cpu_count()} CPUs\n"
+    )
 
     # 4. The process pool first: no Ray threads exist yet when it forks.
     parallel = bench_parallel(runs, repeat)
@@ -279,10 +306,12 @@ def main() -> int:
     # 5. The reference, before our Ray starts, so the two never share the CPUs.
     reference, why = (None, "skipped: --skip-reference") if args.skip_reference else bench_reference(runs)
     if reference:
-        print(f"[5] reference crystallize-ml {reference['version']} RayExecution: "
-              f"{reference['per_run_ms']:.4f} ms/run with its ray.shutdown(), "
-              f"{reference.get('per_run_ms_excl_shutdown', float('nan')):.4f} ms/run without "
-              f"(shutdown {reference.get('ray_shutdown_seconds', float('nan')):.2f} s)")
+        print(
+            f"[5] reference crystallize-ml {reference['version']} RayExecution: "
+            f"{reference['per_run_ms']:.4f} ms/run with its ray.shutdown(), "
+            f"{reference.get('per_run_ms_excl_shutdown', float('nan')):.4f} ms/run without "
+            f"(shutdown {reference.get('ray_shutdown_seconds', float('nan')):.2f} s)"
+        )
     else:
         print(f"[5] reference RayExecution {why}")
 
@@ -298,20 +327,27 @@ def main() -> int:
         raw = Row("raw ray tasks", runs, bench_raw_ray(ray, runs, repeat), 1.0, "raw ray tasks")
         print(f"[1] raw Ray: {raw.per_run_ms:.4f} ms/task")
         window = max(16, 4 * int(ray.cluster_resources().get("CPU", 1)))  # RayExecution's default
-        streamed = Row(f"raw ray, streamed ({window})", runs,
-                       bench_raw_ray_streamed(ray, runs, repeat, window), vs="raw ray tasks")
+        streamed = Row(
+            f"raw ray, streamed ({window})", runs, bench_raw_ray_streamed(ray, runs, repeat, window), vs="raw ray tasks"
+        )
         streamed.ratio = streamed.per_run_ms / raw.per_run_ms
-        print(f"    raw Ray streamed, {window} in flight: {streamed.per_run_ms:.4f} ms/task, "
-              f"{streamed.ratio:.2f}x raw Ray")
+        print(
+            f"    raw Ray streamed, {window} in flight: {streamed.per_run_ms:.4f} ms/task, "
+            f"{streamed.ratio:.2f}x raw Ray"
+        )
         single = Row("RayExecution(batch=1)", runs, bench_ray_execution(runs, repeat, batch_size=1))
         single.ratio, single.vs = single.per_run_ms / raw.per_run_ms, "raw ray tasks"
-        print(f"[2] RayExecution(batch_size=1): {single.per_run_ms:.4f} ms/run, "
-              f"{single.ratio:.2f}x raw Ray (goal <= 1.2x: {goal(single.ratio <= 1.2)}), "
-              f"{single.per_run_ms / streamed.per_run_ms:.2f}x raw Ray streamed")
+        print(
+            f"[2] RayExecution(batch_size=1): {single.per_run_ms:.4f} ms/run, "
+            f"{single.ratio:.2f}x raw Ray (goal <= 1.2x: {goal(single.ratio <= 1.2)}), "
+            f"{single.per_run_ms / streamed.per_run_ms:.2f}x raw Ray streamed"
+        )
         adaptive = Row("RayExecution() adaptive", runs, bench_ray_execution(runs, repeat))
         adaptive.ratio, adaptive.vs = adaptive.per_run_ms / raw.per_run_ms, "raw ray tasks"
-        print(f"[3] RayExecution() adaptive: {adaptive.per_run_ms:.4f} ms/run, "
-              f"{adaptive.ratio:.2f}x raw Ray per task (goal well under 1: {goal(adaptive.ratio < 0.5)})")
+        print(
+            f"[3] RayExecution() adaptive: {adaptive.per_run_ms:.4f} ms/run, "
+            f"{adaptive.ratio:.2f}x raw Ray per task (goal well under 1: {goal(adaptive.ratio < 0.5)})"
+        )
     finally:
         ray.shutdown()
     parallel.ratio, parallel.vs = parallel.per_run_ms / adaptive.per_run_ms, "RayExecution() adaptive"
@@ -321,24 +357,44 @@ def main() -> int:
     if reference:
         ref_seconds = reference["seconds"]
         excl_ms = reference.get("per_run_ms_excl_shutdown")
-        rows.append(Row("reference ray (+shutdown)", runs, ref_seconds,
-                        reference["per_run_ms"] / adaptive.per_run_ms, "RayExecution() adaptive"))
+        rows.append(
+            Row(
+                "reference ray (+shutdown)",
+                runs,
+                ref_seconds,
+                reference["per_run_ms"] / adaptive.per_run_ms,
+                "RayExecution() adaptive",
+            )
+        )
         if excl_ms is not None:
-            rows.append(Row("reference ray (no shutdn)", runs, excl_ms * runs / 1000.0,
-                            excl_ms / adaptive.per_run_ms, "RayExecution() adaptive"))
-            print(f"[5] reference / ours: {excl_ms / adaptive.per_run_ms:.2f}x vs RayExecution(), "
-                  f"{excl_ms / single.per_run_ms:.2f}x vs RayExecution(batch_size=1) "
-                  f"(both without the reference's shutdown; ours never shuts down here)")
+            rows.append(
+                Row(
+                    "reference ray (no shutdn)",
+                    runs,
+                    excl_ms * runs / 1000.0,
+                    excl_ms / adaptive.per_run_ms,
+                    "RayExecution() adaptive",
+                )
+            )
+            print(
+                f"[5] reference / ours: {excl_ms / adaptive.per_run_ms:.2f}x vs RayExecution(), "
+                f"{excl_ms / single.per_run_ms:.2f}x vs RayExecution(batch_size=1) "
+                f"(both without the reference's shutdown; ours never shuts down here)"
+            )
 
     # 6. CPU-bound speed-up, one fresh Ray per subprocess.
     iterations = calibrate_iterations(CPU_SECONDS)
-    one = Row("cpu-bound, Ray 1 CPU", CPU_RUNS, bench_cpu_bound_subprocess(1, iterations, repeat), 1.0,
-              "cpu-bound, Ray 1 CPU")
-    two = Row("cpu-bound, Ray 2 CPUs", CPU_RUNS, bench_cpu_bound_subprocess(2, iterations, repeat),
-              vs="cpu-bound, Ray 1 CPU")
+    one = Row(
+        "cpu-bound, Ray 1 CPU", CPU_RUNS, bench_cpu_bound_subprocess(1, iterations, repeat), 1.0, "cpu-bound, Ray 1 CPU"
+    )
+    two = Row(
+        "cpu-bound, Ray 2 CPUs", CPU_RUNS, bench_cpu_bound_subprocess(2, iterations, repeat), vs="cpu-bound, Ray 1 CPU"
+    )
     two.ratio = two.seconds / one.seconds
-    print(f"[6] {CPU_RUNS} runs x ~{CPU_SECONDS} s ({iterations} iterations): 1 CPU {one.seconds:.2f} s, "
-          f"2 CPUs {two.seconds:.2f} s, speed-up {one.seconds / two.seconds:.2f}x (ideal 2.00x)")
+    print(
+        f"[6] {CPU_RUNS} runs x ~{CPU_SECONDS} s ({iterations} iterations): 1 CPU {one.seconds:.2f} s, "
+        f"2 CPUs {two.seconds:.2f} s, speed-up {one.seconds / two.seconds:.2f}x (ideal 2.00x)"
+    )
     rows += [one, two]
 
     print()

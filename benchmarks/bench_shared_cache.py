@@ -127,8 +127,12 @@ def start_s3() -> Any:
         port = probe.getsockname()[1]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     import fsspec
 
     fsspec.filesystem("s3").mkdir("bench")
@@ -142,8 +146,9 @@ def start_cluster(root: Path) -> Any:
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     for name in ("a", "b"):
-        cluster.add_node(num_cpus=4, resources={f"node_{name}": 4},
-                         env_vars={"CRYSTALLIZE_CACHE_DIR": str(root / f"node-{name}")})
+        cluster.add_node(
+            num_cpus=4, resources={f"node_{name}": 4}, env_vars={"CRYSTALLIZE_CACHE_DIR": str(root / f"node-{name}")}
+        )
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     return cluster
@@ -160,8 +165,13 @@ def ray_tier_hit(step: Any, hits: int, url: str) -> float:
     Experiment(lambda ctx: data, [step], cache=store, plugins=[RayExecution(resources={"node_a": 1})]).run()
     fsspec.filesystem("s3").rm(url.removeprefix("s3://"), recursive=True)
     # One task at a time (each takes all of node B), as the other tiers are measured.
-    result = Experiment(lambda ctx: data, [step], cache=store, replicates=hits,
-                        plugins=[RayExecution(resources={"node_b": 4}, batch_size=1)]).run()
+    result = Experiment(
+        lambda ctx: data,
+        [step],
+        cache=store,
+        replicates=hits,
+        plugins=[RayExecution(resources={"node_b": 4}, batch_size=1)],
+    ).run()
     records = [run.provenance[0] for run in result.runs]
     assert all(r.cache == "hit" for r in records), [r.cache for r in records]
     return statistics.median(r.seconds for r in records)
@@ -177,7 +187,10 @@ def bench_local_hits(root: Path, hits: int) -> dict[str, list[tuple[str, float]]
         url = f"s3://bench/hits-{label.split()[0]}"
         found[label] = [
             ("local directory", hit_seconds(step(), LocalCacheStore(root / f"dir-{label.split()[0]}"), hits)),
-            ("local read-through copy", hit_seconds(step(), UrlStore(url, local_dir=root / f"rt-{label.split()[0]}"), hits)),
+            (
+                "local read-through copy",
+                hit_seconds(step(), UrlStore(url, local_dir=root / f"rt-{label.split()[0]}"), hits),
+            ),
             ("S3 on loopback", hit_seconds(step(), UrlStore(url, local_dir=False), hits)),
         ]
     return found
@@ -188,8 +201,11 @@ def print_hits(found: dict[str, list[tuple[str, float]]], hits: int) -> None:
     for label, tiers in found.items():
         local = tiers[0][1]
         rows += [[label, tier, f"{seconds * 1e3:.3f}", f"{seconds / local:.2f}x"] for tier, seconds in tiers]
-    table(f"1. One cache hit, median of {hits} (StepRecord.seconds)",
-          ["output", "from", "ms per hit", "vs local directory"], rows)
+    table(
+        f"1. One cache hit, median of {hits} (StepRecord.seconds)",
+        ["output", "from", "ms per hit", "vs local directory"],
+        rows,
+    )
 
 
 def sixteen_runs(root: Path, name: str, backend: Any, store_for: Any, single_flight: bool) -> list[Any]:
@@ -197,8 +213,9 @@ def sixteen_runs(root: Path, name: str, backend: Any, store_for: Any, single_fli
     ledger = root / f"{name}-{single_flight}.bytes"
     os.environ["CRYSTALLIZE_CACHE_MAX_WAIT"] = "900" if single_flight else "0"
     store = store_for(CountingRemote(f"s3://bench/sixteen-{name}-{single_flight}", str(ledger)))
-    exp = Experiment(lambda ctx: [1], [shared_step(calls_file=str(calls))], plugins=[backend],
-                     replicates=RUNS, cache=store)
+    exp = Experiment(
+        lambda ctx: [1], [shared_step(calls_file=str(calls))], plugins=[backend], replicates=RUNS, cache=store
+    )
     started = time.perf_counter()
     result = exp.run()
     seconds = time.perf_counter() - started
@@ -207,16 +224,30 @@ def sixteen_runs(root: Path, name: str, backend: Any, store_for: Any, single_fli
     uploaded = sum(int(x) for x in ledger.read_text().split()) if ledger.exists() else 0
     waits = [run.provenance[0].waited for run in result.runs if run.provenance[0].waited > 0]
     busy = sum(run.provenance[0].seconds - run.provenance[0].waited for run in result.runs)
-    return [name, "on" if single_flight else "off", computed, len(waits), f"{max(waits, default=0):.2f}",
-            f"{seconds:.2f}", f"{busy:.2f}", f"{uploaded / ONE_MB:.1f}"]
+    return [
+        name,
+        "on" if single_flight else "off",
+        computed,
+        len(waits),
+        f"{max(waits, default=0):.2f}",
+        f"{seconds:.2f}",
+        f"{busy:.2f}",
+        f"{uploaded / ONE_MB:.1f}",
+    ]
 
 
 def bench_sixteen(root: Path, with_ray: bool) -> None:
     rows = []
     for single_flight in (True, False):
-        rows.append(sixteen_runs(
-            root, "process pool (4)", ParallelExecution(max_workers=4, executor_type="process"),
-            lambda remote: ReadThroughStore(remote, root / "pool-local"), single_flight))
+        rows.append(
+            sixteen_runs(
+                root,
+                "process pool (4)",
+                ParallelExecution(max_workers=4, executor_type="process"),
+                lambda remote: ReadThroughStore(remote, root / "pool-local"),
+                single_flight,
+            )
+        )
     if with_ray:
         from crystallize_ray import RayExecution
 
@@ -227,11 +258,25 @@ def bench_sixteen(root: Path, with_ray: bool) -> None:
             # find the index actor, first: not what is compared.
             warm = ReadThroughStore(FsspecStore(f"s3://bench/warm-{single_flight}"), None)
             Experiment(lambda ctx: [1], [warm_up()], replicates=RUNS, plugins=[backend], cache=warm).run()
-            rows.append(sixteen_runs(root, "Ray, 2 nodes (8)", backend,
-                                     lambda remote: ReadThroughStore(remote, None), single_flight))
-    table(f"2. {RUNS} runs needing one 0.5 s step with a 1 MB output",
-          ["backend", "single flight", "computed", "runs that waited", "longest wait s", "wall s",
-           "step s (not waiting)", "MB uploaded"], rows)
+            rows.append(
+                sixteen_runs(
+                    root, "Ray, 2 nodes (8)", backend, lambda remote: ReadThroughStore(remote, None), single_flight
+                )
+            )
+    table(
+        f"2. {RUNS} runs needing one 0.5 s step with a 1 MB output",
+        [
+            "backend",
+            "single flight",
+            "computed",
+            "runs that waited",
+            "longest wait s",
+            "wall s",
+            "step s (not waiting)",
+            "MB uploaded",
+        ],
+        rows,
+    )
 
 
 def main() -> None:
@@ -239,8 +284,10 @@ def main() -> None:
     parser.add_argument("--hits", type=int, default=100)
     parser.add_argument("--skip-ray", action="store_true")
     args = parser.parse_args()
-    print(f"crystallize {crystallize.__version__}, Python {platform.python_version()}, {platform.machine()}, "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"crystallize {crystallize.__version__}, Python {platform.python_version()}, {platform.machine()}, "
+        f"{os.cpu_count()} CPUs"
+    )
     root = Path(tempfile.mkdtemp(prefix="crystallize-bench-shared-"))
     os.environ["CRYSTALLIZE_CACHE_KEY"] = "bench"  # one key for the driver, the pool and the cluster
     server = start_s3()

@@ -63,8 +63,15 @@ _QUEUED = 2
 
 
 def run_in_processes(
-    experiment: Any, plan: Sequence[RunSpec], *, workers: int, batch_size: int | None, max_retries: int,
-    start_method: str | None, threads_per_worker: int | None, timeout: float | None = None,
+    experiment: Any,
+    plan: Sequence[RunSpec],
+    *,
+    workers: int,
+    batch_size: int | None,
+    max_retries: int,
+    start_method: str | None,
+    threads_per_worker: int | None,
+    timeout: float | None = None,
     max_runs_per_worker: int | None = None,
 ) -> Iterator[RunResult]:
     """Yield one result per spec of ``plan``, computed on a pool of worker processes.
@@ -78,9 +85,18 @@ def run_in_processes(
     method = start_method or ("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     threads = threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
     size = batch_size or max(1, min(256, len(plan) // (workers * 8)))
-    runs = ProcessRuns(multiprocessing.get_context(method), blob, threads, plan, workers=workers, size=size,
-                       max_retries=max_retries, timeout=timeout, max_runs=max_runs_per_worker,
-                       steps=[step.name for step in experiment.pipeline.steps])
+    runs = ProcessRuns(
+        multiprocessing.get_context(method),
+        blob,
+        threads,
+        plan,
+        workers=workers,
+        size=size,
+        max_retries=max_retries,
+        timeout=timeout,
+        max_runs=max_runs_per_worker,
+        steps=[step.name for step in experiment.pipeline.steps],
+    )
     try:
         while not runs.done:
             runs.advance()
@@ -111,8 +127,12 @@ class _Worker:
         self.state = mp.RawArray("d", 5)  # see crystallize/_process_worker.py
         self.state[1] = -1
         self.report = mp.RawArray("c", REPORT_BYTES)
-        self.process = mp.Process(target=serve, name="crystallize-worker", daemon=False,
-                                  args=(theirs, blob, threads, self.state, self.report, stopping))
+        self.process = mp.Process(
+            target=serve,
+            name="crystallize-worker",
+            daemon=False,
+            args=(theirs, blob, threads, self.state, self.report, stopping),
+        )
         DRIVER_ENDS.add(self.conn)
         try:
             self.process.start()
@@ -138,8 +158,20 @@ class _Worker:
 class ProcessRuns:
     """The runs of one ``run()`` and the workers they run on; results land in ``ready``."""
 
-    def __init__(self, mp: Any, blob: bytes, threads: int, plan: Sequence[RunSpec], *, workers: int, size: int,
-                 max_retries: int, timeout: float | None, max_runs: int | None, steps: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        mp: Any,
+        blob: bytes,
+        threads: int,
+        plan: Sequence[RunSpec],
+        *,
+        workers: int,
+        size: int,
+        max_retries: int,
+        timeout: float | None,
+        max_runs: int | None,
+        steps: Sequence[str] = (),
+    ) -> None:
         self._stopping = mp.RawValue("b", 0)  # set on Ctrl-C: workers start no new run
         self._start = lambda: _Worker(mp, blob, threads, self._stopping)
         self._steps = list(steps)
@@ -284,8 +316,9 @@ class ProcessRuns:
         else:  # "raised" (a step raised KeyboardInterrupt itself) or "failed" (no experiment)
             raise message[1]
 
-    def _lost(self, worker: _Worker, *, retry: bool = True, blame: bool = True,
-              stopped: RunResult | None = None) -> None:
+    def _lost(
+        self, worker: _Worker, *, retry: bool = True, blame: bool = True, stopped: RunResult | None = None
+    ) -> None:
         """``worker`` is gone: the run it died in is a suspect, its other runs run again.
 
         Args:
@@ -300,13 +333,16 @@ class ProcessRuns:
         culprit = None
         again: list[RunSpec] = []
         for batch in worker.batches:
-            left = batch.specs[batch.back:]
+            left = batch.specs[batch.back :]
             if blame and culprit is None and left:
                 # The run it was in (or, if it died between runs, the next one) is blamed.
                 at = running[1] if running is not None and running[0] == batch.seq else batch.back
                 culprit = batch.specs[max(at, batch.back)]
-            again.extend(spec for spec in left if spec != culprit and (
-                stopped is None or spec != RunSpec(stopped.replicate, stopped.condition)))
+            again.extend(
+                spec
+                for spec in left
+                if spec != culprit and (stopped is None or spec != RunSpec(stopped.replicate, stopped.condition))
+            )
         worker.batches.clear()
         if not retry:
             return

@@ -64,8 +64,7 @@ def serve(conn: Any, blob: bytes, threads: int, state: Any, report: Any, stoppin
         inherited.close()
     DRIVER_ENDS.clear()
     # The parent is the driver, or the forkserver that exits with it.
-    threading.Thread(target=_exit_with, args=(os.getppid(),), name="crystallize-orphan-watch",
-                     daemon=True).start()
+    threading.Thread(target=_exit_with, args=(os.getppid(),), name="crystallize-orphan-watch", daemon=True).start()
     limit_native_threads(threads)
     try:
         experiment = deserialize_experiment(blob)
@@ -138,7 +137,8 @@ def _loading_error(exc: BaseException) -> Exception:
     return SerializationError(
         f"A worker process could not load the experiment: unpickling it raised "
         f"{type(exc).__name__}: {exc}. Check the __setstate__ or __reduce__ of the "
-        f"experiment's steps and datasource, or run it under SerialExecution.")
+        f"experiment's steps and datasource, or run it under SerialExecution."
+    )
 
 
 def _report(experiment: Any, frame: Any, state: Any, report: Any) -> None:
@@ -147,8 +147,8 @@ def _report(experiment: Any, frame: Any, state: Any, report: Any) -> None:
         step, line, stack = running_step(experiment, frame)
         data = json.dumps({"step": step, "line": line, "stack": stack}).encode()
         if len(data) > REPORT_BYTES:
-            data = json.dumps({"step": step, "line": line, "stack": stack[-(REPORT_BYTES // 2):]}).encode()
-        report[:len(data)] = data
+            data = json.dumps({"step": step, "line": line, "stack": stack[-(REPORT_BYTES // 2) :]}).encode()
+        report[: len(data)] = data
         state[3] = len(data)
     except Exception:  # the driver stops the worker all the same, naming no step
         pass

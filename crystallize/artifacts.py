@@ -155,8 +155,7 @@ class Artifact:
         ctx = active_context()
         if ctx is None:
             raise ArtifactError(
-                f"Artifact({self.name!r}).write() was called outside a running step; "
-                f"call it inside a pipeline step."
+                f"Artifact({self.name!r}).write() was called outside a running step; call it inside a pipeline step."
             )
         if isinstance(data, str):
             payload = data.encode("utf-8")
@@ -209,8 +208,12 @@ class ArtifactPlugin(BasePlugin):
         for condition in experiment.conditions:
             other = folded.setdefault(path_part(condition).casefold(), condition)
             if other != condition:
-                log.warning("Conditions %r and %r differ only in case; on a case-insensitive file system "
-                            "(macOS, Windows) their artifacts share a folder. Rename one.", other, condition)
+                log.warning(
+                    "Conditions %r and %r differ only in case; on a case-insensitive file system "
+                    "(macOS, Windows) their artifacts share a folder. Rename one.",
+                    other,
+                    condition,
+                )
 
     def path_for(self, replicate: int, condition: str, name: str) -> Path:
         """Where the artifact ``name`` of one run is written.
@@ -236,8 +239,10 @@ class ArtifactPlugin(BasePlugin):
                 parts = self._parts(run.replicate, run.condition, record.name)
                 _write_file(self._root, parts, record.data)
             except Exception as exc:  # noqa: BLE001 -- one artifact's failure must not cost the others
-                message = (f"replicate {run.replicate}, condition {run.condition!r}: artifact "
-                           f"{record.name!r} could not be written below {str(self._root)!r}: {_explain(exc)}")
+                message = (
+                    f"replicate {run.replicate}, condition {run.condition!r}: artifact "
+                    f"{record.name!r} could not be written below {str(self._root)!r}: {_explain(exc)}"
+                )
                 run.artifact_errors.append(message)
                 log.warning("Artifact not written: %s", message)
 
@@ -288,6 +293,8 @@ def _explain(exc: Exception) -> str:
     if isinstance(exc, OSError):
         path = exc.filename2 or exc.filename  # for a rename, filename2 is the target
         where = f" at {str(path)!r}" if path else ""
-        return (f"{type(exc).__name__}: {exc.strerror or exc}{where}. Remove what is in the way there, "
-                f"or check that the root is writable and has free space.")
+        return (
+            f"{type(exc).__name__}: {exc.strerror or exc}{where}. Remove what is in the way there, "
+            f"or check that the root is writable and has free space."
+        )
     return f"{type(exc).__name__}: {exc}."

@@ -213,7 +213,7 @@ class ExecutionBackend(BasePlugin, abc.ABC):
             while (left := grace - loop.time()) > 0:
                 try:
                     item = await asyncio.wait_for(inbox.get(), left)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
                 if item is done:
                     break
@@ -259,12 +259,17 @@ def is_seconds(value: Any) -> bool:
         >>> is_seconds(2.5), is_seconds(0), is_seconds(True), is_seconds(float("inf"))
         (True, False, False, False)
     """
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value) and value > 0)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
-def timed_out(spec: RunSpec, seconds: float, step: str, line: str = "", stack: str = "",
-              stopped: str = "its worker was stopped and replaced") -> RunResult:
+def timed_out(
+    spec: RunSpec,
+    seconds: float,
+    step: str,
+    line: str = "",
+    stack: str = "",
+    stopped: str = "its worker was stopped and replaced",
+) -> RunResult:
     """The record of a run stopped because it ran past ``timeout=`` seconds.
 
     Its error is a ``TimeoutError`` at ``step`` (``result.errors`` names it like any
@@ -287,12 +292,16 @@ def timed_out(spec: RunSpec, seconds: float, step: str, line: str = "", stack: s
     """
     at = f", at {line}" if line else ""
     return failed_run(
-        spec, step, "TimeoutError",
+        spec,
+        step,
+        "TimeoutError",
         f"The run exceeded its {seconds:g} s timeout in step {step!r}{at}; {stopped}, and "
         f"the other runs went on. If the step needs longer, raise timeout=; otherwise see "
         f"that line for what it waits on.",
-        traceback=stack or f"TimeoutError: no stack could be read (the worker did not answer "
-                           f"within a second, e.g. inside native code){at}.\n")
+        traceback=stack
+        or f"TimeoutError: no stack could be read (the worker did not answer "
+        f"within a second, e.g. inside native code){at}.\n",
+    )
 
 
 def running_step(experiment: Any, frame: Any = None, ctx: Any = None) -> tuple[str, str, str]:
@@ -381,7 +390,7 @@ def batched(plan: Sequence[RunSpec], size: int) -> list[list[RunSpec]]:
     """
     if size < 1:
         raise ValueError(f"batch size must be >= 1, got {size}")
-    return [list(plan[i:i + size]) for i in range(0, len(plan), size)]
+    return [list(plan[i : i + size]) for i in range(0, len(plan), size)]
 
 
 def resolve_cache(experiment: Any) -> Any:
@@ -419,4 +428,3 @@ def resolve_cache(experiment: Any) -> Any:
         except CacheKeyError:
             pass  # each worker resolves its own key, and warns once if it cannot
     return job
-

@@ -202,10 +202,13 @@ class StepCache:
             ``waited`` seconds), else holding the leases; call ``release()`` once the
             entry is stored or the step failed.
         """
-        scopes = [flight.ProcessLease(self.scope, step_hash, input_hash)]
+        scopes: list[Any] = [flight.ProcessLease(self.scope, step_hash, input_hash)]
         scopes += self.store.lease_scopes(step_hash, input_hash)
-        return (yield from flight.single_flight(scopes, lambda: self.find(step_hash, input_hash, ctx)[0],
-                                         cooperative=driven_async()))
+        return (
+            yield from flight.single_flight(
+                scopes, lambda: self.find(step_hash, input_hash, ctx)[0], cooperative=driven_async()
+            )
+        )
 
     def save(self, step_hash: str, input_hash: str, entry: CacheEntry, *, step: str | None = None) -> bool:
         """Store ``entry``; returns False (and logs why) if it cannot be stored.
@@ -224,8 +227,9 @@ class StepCache:
             primary_frame = frame(f"{step_hash}/{input_hash}")
         except Exception as exc:
             log.warning(
-                "Output of a cacheable step could not be pickled (%s: %s); it is not "
-                "cached and the run goes on.", type(exc).__name__, exc,
+                "Output of a cacheable step could not be pickled (%s: %s); it is not cached and the run goes on.",
+                type(exc).__name__,
+                exc,
             )
             return False
         if blob is not None and not self.store.contains(BLOBS, blob):
@@ -284,8 +288,12 @@ class StepCache:
         if len(sets) >= MAX_KEY_SETS:
             # A full index stays as it is (no eviction, so no thrashing between sets):
             # lookups stay bounded and runs with yet other reads simply run.
-            log.debug("Step %s, input %s: %d sets of read keys indexed already; this one "
-                      "is not cached.", step_hash, input_hash, len(sets))
+            log.debug(
+                "Step %s, input %s: %d sets of read keys indexed already; this one is not cached.",
+                step_hash,
+                input_hash,
+                len(sets),
+            )
             return False
         try:
             self.save_record(step_hash, f"{input_hash}{_INDEX}", sets + [keys])
@@ -313,8 +321,11 @@ class StepCache:
             else:
                 data = self.store.get(BLOBS, manifest.blob)
                 if data is None:
-                    log.warning("Cache entry %s points at output blob %s, which is missing; "
-                                "recomputing it.", self.store.where(namespace, key), manifest.blob)
+                    log.warning(
+                        "Cache entry %s points at output blob %s, which is missing; recomputing it.",
+                        self.store.where(namespace, key),
+                        manifest.blob,
+                    )
                     self.store.delete(namespace, key)
                     return None
                 try:

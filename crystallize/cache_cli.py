@@ -128,9 +128,13 @@ def _durable(spec: str | None) -> Any:
 
 
 cache_option = click.option(
-    "--cache", "spec", metavar="DIR_OR_URL", default=None,
+    "--cache",
+    "spec",
+    metavar="DIR_OR_URL",
+    default=None,
     help="The cache: a directory or a URL (s3://bucket/prefix). Default: $CRYSTALLIZE_CACHE_URL, "
-         "else $CRYSTALLIZE_CACHE_DIR, else ./.cache.")
+    "else $CRYSTALLIZE_CACHE_DIR, else ./.cache.",
+)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
 
@@ -146,8 +150,9 @@ def ls(spec: str | None, as_json: bool) -> None:
     """Entries per step: how many, their bytes, and when one was last used."""
     store = _durable(spec)
     inv = Inventory.of(store)
-    steps: dict[str, dict[str, Any]] = defaultdict(lambda: {"versions": set(), "entries": 0, "bytes": 0,
-                                                             "blobs": set(), "last_use": 0.0})
+    steps: dict[str, dict[str, Any]] = defaultdict(
+        lambda: {"versions": set(), "entries": 0, "bytes": 0, "blobs": set(), "last_use": 0.0}
+    )
     for entry in inv.entries:
         row = steps[(entry.header or {}).get("step") or "?"]
         row["versions"].add(entry.obj.namespace)
@@ -158,15 +163,19 @@ def ls(spec: str | None, as_json: bool) -> None:
             row["blobs"].add(blob.key)
             row["bytes"] += blob.size
         row["last_use"] = max(row["last_use"], entry.used)
-    rows = [{"step": name, **{k: v for k, v in row.items() if k != "blobs"}, "versions": len(row["versions"])}
-            for name, row in steps.items()]
+    rows = [
+        {"step": name, **{k: v for k, v in row.items() if k != "blobs"}, "versions": len(row["versions"])}
+        for name, row in steps.items()
+    ]
     rows.sort(key=lambda r: -r["last_use"])
     if as_json:
         click.echo(json.dumps({"store": repr(store), "steps": rows}))
         return
     click.echo(f"{store!r}: {len(inv.entries)} entries of {len(rows)} steps")
-    _table(["step", "versions", "entries", "bytes", "last use"],
-           [[r["step"], r["versions"], r["entries"], _bytes(r["bytes"]), _when(r["last_use"])] for r in rows])
+    _table(
+        ["step", "versions", "entries", "bytes", "last use"],
+        [[r["step"], r["versions"], r["entries"], _bytes(r["bytes"]), _when(r["last_use"])] for r in rows],
+    )
 
 
 @cache.command("du")
@@ -187,8 +196,15 @@ def du(spec: str | None, as_json: bool) -> None:
     }
     total = sum(size for name, (_, size) in kinds.items() if name != "unreferenced blobs")
     if as_json:
-        click.echo(json.dumps({"store": repr(store), "total": total,
-                               "kinds": {k: {"count": c, "bytes": b} for k, (c, b) in kinds.items()}}))
+        click.echo(
+            json.dumps(
+                {
+                    "store": repr(store),
+                    "total": total,
+                    "kinds": {k: {"count": c, "bytes": b} for k, (c, b) in kinds.items()},
+                }
+            )
+        )
         return
     click.echo(f"{store!r}: {_bytes(total)}")
     _table(["kind", "count", "bytes"], [[k, c, _bytes(b)] for k, (c, b) in kinds.items()])
@@ -223,8 +239,7 @@ def verify(spec: str | None, as_json: bool, repair: bool) -> None:
     if as_json:
         click.echo(json.dumps({"store": repr(store), "checked": checked, "bad": bad, "repaired": repair}))
     else:
-        click.echo(f"{store!r}: {checked} manifests checked, {len(bad)} bad"
-                   + (" (deleted)" if repair and bad else ""))
+        click.echo(f"{store!r}: {checked} manifests checked, {len(bad)} bad" + (" (deleted)" if repair and bad else ""))
         for item in bad:
             click.echo(f"  {item['object']}: {item['problem']}")
     if bad and not repair:
@@ -256,7 +271,9 @@ def _check(store: Any, namespace: str, key: str, mac_key: bytes) -> tuple[str, s
 @cache_option
 @json_option
 @click.option("--older-than", "older_than", metavar="AGE", help="Delete entries not used for this long (7d, 12h).")
-@click.option("--max-size", "max_size", metavar="SIZE", help="Then delete the least recently used until this fits (10G).")
+@click.option(
+    "--max-size", "max_size", metavar="SIZE", help="Then delete the least recently used until this fits (10G)."
+)
 @click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
 def gc(spec: str | None, as_json: bool, older_than: str | None, max_size: str | None, dry_run: bool) -> None:
     """Drop old and least recently used entries, unreferenced blobs and lapsed leases."""
@@ -289,8 +306,17 @@ def gc(spec: str | None, as_json: bool, older_than: str | None, max_size: str | 
             store.delete(obj.namespace, obj.key)
     entries = sum(1 for e in doomed if e in inv.entries)
     if as_json:
-        click.echo(json.dumps({"store": repr(store), "deleted_entries": entries, "deleted_objects": len(objects),
-                               "freed": freed, "dry_run": dry_run}))
+        click.echo(
+            json.dumps(
+                {
+                    "store": repr(store),
+                    "deleted_entries": entries,
+                    "deleted_objects": len(objects),
+                    "freed": freed,
+                    "dry_run": dry_run,
+                }
+            )
+        )
         return
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"{store!r}: {verb} {entries} entries, {len(objects)} objects in all, {_bytes(freed)}")

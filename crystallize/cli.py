@@ -64,47 +64,112 @@ def main() -> None:
     """crystallize: reproducible experiments from small, cacheable pipeline steps."""
 
 
-@main.command("run", epilog="Exit codes: 0 all runs succeeded (or --allow-failures); 1 runs failed; "
-                            "2 the command or the experiment is wrong, nothing ran; 130 Ctrl-C (finished "
-                            "runs are saved and journaled: run again with --resume).")
+@main.command(
+    "run",
+    epilog="Exit codes: 0 all runs succeeded (or --allow-failures); 1 runs failed; "
+    "2 the command or the experiment is wrong, nothing ran; 130 Ctrl-C (finished "
+    "runs are saved and journaled: run again with --resume).",
+)
 @click.argument("target", metavar="FILE.py[:NAME]")
-@click.option("-n", "--replicates", type=click.IntRange(min=1), default=None,
-              help="Replicates per condition. Default: the experiment's own.")
-@click.option("-b", "--backend", type=click.Choice(BACKENDS), default=None,
-              help="Where runs execute. Default: the experiment's own backend (serial if it has none); "
-                   "ray when --address is given.")
-@click.option("-w", "--workers", type=click.IntRange(min=1), default=None,
-              help="Worker threads or processes (thread, process), or concurrent runs (async). "
-                   "Default: the backend's (the CPU count; 64 for async).")
-@click.option("--address", default=None, metavar="ADDRESS",
-              help="The Ray cluster to join, e.g. auto or ray://head:10001 (implies --backend ray). "
-                   "Default: $RAY_ADDRESS (set inside `ray job submit`), else a local Ray.")
-@click.option("--resume", is_flag=True,
-              help="Reuse the successful runs in this experiment's journal and run only the others. "
-                   "A journal of a changed experiment is not used (a warning says what changed).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
-              help="Stop a run that takes longer and record it as a TimeoutError naming its step "
-                   "(process, async and ray backends).")
-@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder to save the result in (Result.load reads it back). "
-                   "Default: results/<experiment>-<UTC time>.")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
-              help="Also draw the result to this image (.png, .svg, .pdf); needs "
-                   "'crystallize-lab[plot]'. A plot that fails is a warning, not a failure.")
-@click.option("--progress/--no-progress", default=True, show_default=True,
-              help="Report progress: a redrawn line on a terminal, timestamped lines in a log "
-                   "(every $CRYSTALLIZE_PROGRESS_EVERY seconds, default 10).")
-@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
-              help="Override an initial_ctx value (repeatable). VALUE is read as JSON, else as a "
-                   "Python literal, else as a string: --set lr=0.1 --set layers=[64,64] --set name=big.")
-@click.option("--journal", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
-              help="Directory of run journals. Default: $CRYSTALLIZE_HOME/journals, else "
-                   "./.crystallize/journals.")
+@click.option(
+    "-n",
+    "--replicates",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Replicates per condition. Default: the experiment's own.",
+)
+@click.option(
+    "-b",
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default=None,
+    help="Where runs execute. Default: the experiment's own backend (serial if it has none); "
+    "ray when --address is given.",
+)
+@click.option(
+    "-w",
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker threads or processes (thread, process), or concurrent runs (async). "
+    "Default: the backend's (the CPU count; 64 for async).",
+)
+@click.option(
+    "--address",
+    default=None,
+    metavar="ADDRESS",
+    help="The Ray cluster to join, e.g. auto or ray://head:10001 (implies --backend ray). "
+    "Default: $RAY_ADDRESS (set inside `ray job submit`), else a local Ray.",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Reuse the successful runs in this experiment's journal and run only the others. "
+    "A journal of a changed experiment is not used (a warning says what changed).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="SECONDS",
+    help="Stop a run that takes longer and record it as a TimeoutError naming its step "
+    "(process, async and ray backends).",
+)
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder to save the result in (Result.load reads it back). Default: results/<experiment>-<UTC time>.",
+)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="Also draw the result to this image (.png, .svg, .pdf); needs "
+    "'crystallize-lab[plot]'. A plot that fails is a warning, not a failure.",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=True,
+    show_default=True,
+    help="Report progress: a redrawn line on a terminal, timestamped lines in a log "
+    "(every $CRYSTALLIZE_PROGRESS_EVERY seconds, default 10).",
+)
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override an initial_ctx value (repeatable). VALUE is read as JSON, else as a "
+    "Python literal, else as a string: --set lr=0.1 --set layers=[64,64] --set name=big.",
+)
+@click.option(
+    "--journal",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="Directory of run journals. Default: $CRYSTALLIZE_HOME/journals, else ./.crystallize/journals.",
+)
 @click.option("--no-journal", is_flag=True, help="Keep no journal (a run that dies cannot be resumed).")
 @click.option("--allow-failures", is_flag=True, help="Exit 0 even when runs failed.")
-def run(target: str, replicates: int | None, backend: str | None, workers: int | None, address: str | None,
-        resume: bool, timeout: float | None, out: Path | None, plot: Path | None, progress: bool,
-        settings: tuple[str, ...], journal: Path | None, no_journal: bool, allow_failures: bool) -> None:
+def run(
+    target: str,
+    replicates: int | None,
+    backend: str | None,
+    workers: int | None,
+    address: str | None,
+    resume: bool,
+    timeout: float | None,
+    out: Path | None,
+    plot: Path | None,
+    progress: bool,
+    settings: tuple[str, ...],
+    journal: Path | None,
+    no_journal: bool,
+    allow_failures: bool,
+) -> None:
     """Run the experiment in FILE.py, print its summary, save the result.
 
     FILE.py[:NAME] names an Experiment in the file, or a function that takes no
@@ -131,8 +196,16 @@ def run(target: str, replicates: int | None, backend: str | None, workers: int |
     job = copy.copy(experiment)  # the file's experiment stays as it was
     job.initial_ctx = {**experiment.initial_ctx, **dict(parse_setting(text) for text in settings)}
     job.plugins = [p for p in experiment.plugins if not _is_backend(p)]
-    job.plugins.append(_backend(backend or ("ray" if address else None), experiment, workers=workers,
-                                address=address, timeout=timeout, progress=progress))
+    job.plugins.append(
+        _backend(
+            backend or ("ray" if address else None),
+            experiment,
+            workers=workers,
+            address=address,
+            timeout=timeout,
+            progress=progress,
+        )
+    )
     job.journal = False if no_journal else (journal if journal is not None else experiment.journal)
     try:
         result = job.run(replicates=replicates, resume=resume)
@@ -141,8 +214,9 @@ def run(target: str, replicates: int | None, backend: str | None, workers: int |
         if partial is not None:
             click.echo(partial.summary())
             _save(partial, out, job.name)
-        click.echo("Interrupted: the finished runs are journaled; run the same command with --resume "
-                   "to continue.", err=True)
+        click.echo(
+            "Interrupted: the finished runs are journaled; run the same command with --resume to continue.", err=True
+        )
         sys.exit(130)
     except CrystallizeError as exc:
         raise click.UsageError(f"{type(exc).__name__}: {exc}") from exc
@@ -153,8 +227,9 @@ def run(target: str, replicates: int | None, backend: str | None, workers: int |
             result.plot(path=plot)
             click.echo(f"Plot: {plot}", err=True)
         except Exception as exc:  # a picture never costs the job
-            click.echo(f"Warning: the plot could not be drawn ({type(exc).__name__}: {exc}); "
-                       f"the result is saved.", err=True)
+            click.echo(
+                f"Warning: the plot could not be drawn ({type(exc).__name__}: {exc}); the result is saved.", err=True
+            )
     if result.errors and not allow_failures:
         from .errors import RunsFailedError
 
@@ -196,8 +271,10 @@ def load_experiment(target: str) -> Any:
         where, name = target.rsplit(":", 1)
         path = Path(where)
     if not path.is_file():
-        raise click.UsageError(f"{str(path)!r} is not a file; give the experiment's Python file, "
-                               f"e.g. crystallize run sweep.py or sweep.py:build.")
+        raise click.UsageError(
+            f"{str(path)!r} is not a file; give the experiment's Python file, "
+            f"e.g. crystallize run sweep.py or sweep.py:build."
+        )
     module = _import_file(path.resolve())
     if name:
         if not hasattr(module, name):
@@ -210,8 +287,10 @@ def load_experiment(target: str) -> Any:
         makers = [(n, v) for n, v in vars(module).items() if _returns_experiment(v, module, Experiment)]
         if len(makers) == 1:
             return _as_experiment(makers[0][1], f"{path}:{makers[0][0]}", Experiment)
-    raise click.UsageError(f"{path} holds {_candidates(module, Experiment)}: say which, as "
-                           f"{path}:NAME (an Experiment, or a function returning one).")
+    raise click.UsageError(
+        f"{path} holds {_candidates(module, Experiment)}: say which, as "
+        f"{path}:NAME (an Experiment, or a function returning one)."
+    )
 
 
 def _import_file(path: Path) -> Any:
@@ -226,8 +305,9 @@ def _import_file(path: Path) -> Any:
         spec.loader.exec_module(module)
     except Exception as exc:
         traceback.print_exc()
-        raise click.UsageError(f"{path} raised {type(exc).__name__} while it was loaded (traceback "
-                               f"above): {exc}") from exc
+        raise click.UsageError(
+            f"{path} raised {type(exc).__name__} while it was loaded (traceback above): {exc}"
+        ) from exc
     import cloudpickle  # type: ignore[import-untyped]
 
     # Workers (spawned processes, Ray) cannot import a file by path: its code travels by value.
@@ -268,8 +348,15 @@ def _is_backend(plugin: Any) -> bool:
     return isinstance(plugin, ExecutionBackend)
 
 
-def _backend(kind: str | None, experiment: Any, *, workers: int | None, address: str | None,
-             timeout: float | None, progress: bool) -> Any:
+def _backend(
+    kind: str | None,
+    experiment: Any,
+    *,
+    workers: int | None,
+    address: str | None,
+    timeout: float | None,
+    progress: bool,
+) -> Any:
     """The backend ``--backend`` and its options ask for (the experiment's own by default)."""
     from .errors import ConfigurationError
     from .execution import AsyncExecution, SerialExecution
@@ -281,8 +368,9 @@ def _backend(kind: str | None, experiment: Any, *, workers: int | None, address:
             backend = copy.copy(experiment.backend)
             if timeout is not None:
                 if not backend.supports_timeout:
-                    raise click.UsageError(f"--timeout: {where} cannot stop a run; give --backend "
-                                           f"process, async or ray.")
+                    raise click.UsageError(
+                        f"--timeout: {where} cannot stop a run; give --backend process, async or ray."
+                    )
                 backend.timeout = timeout
         elif kind == "serial":
             backend = SerialExecution(timeout=timeout)
@@ -304,8 +392,9 @@ def _ray(address: str | None, workers: int | None, timeout: float | None) -> Any
     except ImportError as exc:
         raise click.UsageError(f"--backend ray needs Ray: pip install 'crystallize-lab[ray]' ({exc}).") from exc
     if workers:
-        raise click.UsageError("--workers does not apply to --backend ray: Ray runs as many runs at "
-                               "once as the cluster has CPUs for.")
+        raise click.UsageError(
+            "--workers does not apply to --backend ray: Ray runs as many runs at once as the cluster has CPUs for."
+        )
     options: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
     if address:
         options["address"] = address
@@ -323,8 +412,7 @@ def _save(result: Any, out: Path | None, name: str) -> None:
     try:
         click.echo(f"Saved: {result.save(folder)}", err=True)
     except Exception as exc:
-        click.echo(f"Warning: the result could not be saved to {folder} ({type(exc).__name__}: {exc}).",
-                   err=True)
+        click.echo(f"Warning: the result could not be saved to {folder} ({type(exc).__name__}: {exc}).", err=True)
 
 
 def _log_to_stderr() -> None:
@@ -333,7 +421,6 @@ def _log_to_stderr() -> None:
     package = logging.getLogger("crystallize")
     if not root.handlers and not package.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s",
-                                               "%Y-%m-%dT%H:%M:%S"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%Y-%m-%dT%H:%M:%S"))
         package.addHandler(handler)
         package.setLevel(logging.INFO)

@@ -40,8 +40,9 @@ class Collector:
     count as received already (their plugin hooks ran in the driver that did them).
     """
 
-    def __init__(self, job: Any, plan: Sequence[RunSpec], journal: Journal | None = None,
-                 resumed: Sequence[RunResult] = ()) -> None:
+    def __init__(
+        self, job: Any, plan: Sequence[RunSpec], journal: Journal | None = None, resumed: Sequence[RunResult] = ()
+    ) -> None:
         self.job = job
         self.journal = journal or Journal()
         self.resumed = len(resumed)
@@ -63,7 +64,8 @@ class Collector:
                 exc = BackendError(
                     f"{type(self.job.backend).__name__} returned {len(self.seen) - self.resumed} of "
                     f"{len(self.expected) - self.resumed} planned runs; missing: {_runs(missing)}. This is a "
-                    f"bug in the backend; the finished runs are in exc.partial_result.")
+                    f"bug in the backend; the finished runs are in exc.partial_result."
+                )
                 exc.partial_result = self._finish(evaluate=False)  # type: ignore[attr-defined]
                 raise exc
         elif not hasattr(exc, "partial_result"):
@@ -151,15 +153,20 @@ class Collector:
             raise BackendError(
                 f"{type(self.job.backend).__name__} returned replicate {run.replicate}, "
                 f"condition {run.condition!r} {what}. This is a bug in the backend; the runs "
-                f"finished so far are in exc.partial_result.")
+                f"finished so far are in exc.partial_result."
+            )
         self.seen.add(key)
         self.runs.append(run)
         for plugin in self.job.plugins:
             try:
                 plugin.on_run_result(self.job, run)
             except Exception:
-                log.exception("Plugin %s.on_run_result failed for replicate %d, condition %r; "
-                              "the run's result is kept.", type(plugin).__name__, run.replicate, run.condition)
+                log.exception(
+                    "Plugin %s.on_run_result failed for replicate %d, condition %r; the run's result is kept.",
+                    type(plugin).__name__,
+                    run.replicate,
+                    run.condition,
+                )
         self.journal.append(run)
         self.progress.update(failed=run.error is not None)
 

@@ -22,6 +22,7 @@ def active_context() -> FrozenContext | None:
     """The context of the step running in this thread or asyncio task, if any."""
     return _ACTIVE.get()
 
+
 _MISSING: Any = type("Missing", (), {"__repr__": lambda self: "<missing>"})()
 # What a step saw when it listed the keys or read the metrics, recorded like a key it
 # read so the step cache checks it too. Never a real key: context keys are strings.
@@ -187,13 +188,17 @@ class FrozenContext:
     """
 
     __slots__ = (
-        "_data", "metrics", "logger", "_recorder", "provenance", "artifacts", "_overridable",
+        "_data",
+        "metrics",
+        "logger",
+        "_recorder",
+        "provenance",
+        "artifacts",
+        "_overridable",
         "__weakref__",
     )
 
-    def __init__(
-        self, initial: Mapping[str, Any] | None = None, *, logger: logging.Logger | None = None
-    ) -> None:
+    def __init__(self, initial: Mapping[str, Any] | None = None, *, logger: logging.Logger | None = None) -> None:
         self._data: dict[str, Any] = {}
         self._recorder: _StepRecorder | None = None
         self._overridable: frozenset[str] = frozenset()
@@ -208,7 +213,11 @@ class FrozenContext:
 
     @classmethod
     def for_run(
-        cls, initial: Mapping[str, Any], *, replicate: int, condition: str,
+        cls,
+        initial: Mapping[str, Any],
+        *,
+        replicate: int,
+        condition: str,
         logger: logging.Logger | None = None,
     ) -> FrozenContext:
         """A run's fresh context: ``initial`` plus ``replicate`` and ``condition``.

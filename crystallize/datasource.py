@@ -45,8 +45,9 @@ class DataSource:
 class _FunctionSource(DataSource):
     """A data source built by a ``@data_source`` factory: the function plus explicit params."""
 
-    def __init__(self, factory: Callable[..., Any], fn: Callable[..., Any],
-                 signature: Signature, params: dict[str, Any]) -> None:
+    def __init__(
+        self, factory: Callable[..., Any], fn: Callable[..., Any], signature: Signature, params: dict[str, Any]
+    ) -> None:
         self._factory, self.fn, self._signature = factory, fn, signature
         self.params = dict(params)
 

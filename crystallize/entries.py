@@ -155,8 +155,16 @@ def blob_name(output_pickle: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(output_pickle)
 
 
-def make_manifest(entry: CacheEntry, key: bytes, where: str, *, output_pickle: bytes | None = None,
-                  step: str | None = None, kind: str = "entry", blob: str | None = None) -> bytes:
+def make_manifest(
+    entry: CacheEntry,
+    key: bytes,
+    where: str,
+    *,
+    output_pickle: bytes | None = None,
+    step: str | None = None,
+    kind: str = "entry",
+    blob: str | None = None,
+) -> bytes:
     """Sign a manifest for ``entry`` stored at ``where`` (``"<namespace>/<key>"``).
 
     Args:
@@ -175,8 +183,15 @@ def make_manifest(entry: CacheEntry, key: bytes, where: str, *, output_pickle: b
         output_pickle = cloudpickle.dumps(entry.output, protocol=5)
     record = {k: v for k, v in entry.__dict__.items() if k != "output"}
     now = time.time()
-    header: dict[str, Any] = {"kind": kind, "step": step, "created": now, "used": now,
-                              "size": len(output_pickle), "blob": blob, "blob_mac": None}
+    header: dict[str, Any] = {
+        "kind": kind,
+        "step": step,
+        "created": now,
+        "used": now,
+        "size": len(output_pickle),
+        "blob": blob,
+        "blob_mac": None,
+    }
     if blob is None:
         record["output"] = output_pickle
     else:
@@ -199,8 +214,9 @@ def open_manifest(frame: bytes, key: bytes, where: str) -> Manifest:
     view = memoryview(frame)
     mac, body = view[head : head + MAC_SIZE], view[head + MAC_SIZE :]
     if not verify(mac, body, key, where.encode()):
-        raise CorruptEntryError("its MAC does not verify: damaged, forged, signed with another "
-                                "cache key, or moved from another key's slot")
+        raise CorruptEntryError(
+            "its MAC does not verify: damaged, forged, signed with another cache key, or moved from another key's slot"
+        )
     try:
         size = int.from_bytes(body[:_HEADER_LEN], "big")
         header = json.loads(bytes(body[_HEADER_LEN : _HEADER_LEN + size]))

@@ -122,10 +122,7 @@ class StepError(CrystallizeError):
     def __init__(self, step: str, index: int, cause: BaseException) -> None:
         self.step = step
         self.index = index
-        super().__init__(
-            f"Step {step!r} (position {index} in the pipeline) raised "
-            f"{type(cause).__name__}: {cause}"
-        )
+        super().__init__(f"Step {step!r} (position {index} in the pipeline) raised {type(cause).__name__}: {cause}")
 
 
 class SerializationError(CrystallizeError):
@@ -202,8 +199,10 @@ class RunsFailedError(CrystallizeError):
         if first:
             lines.append("The first failure's traceback:")
             lines += [f"    {line}" for line in first.splitlines()]
-        lines.append("The other runs finished: exc.result holds every run, and exc.result.errors "
-                     "each failure with its traceback.")
+        lines.append(
+            "The other runs finished: exc.result holds every run, and exc.result.errors "
+            "each failure with its traceback."
+        )
         super().__init__("\n".join(lines))
 
     def __reduce__(self) -> tuple[object, ...]:

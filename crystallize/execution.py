@@ -54,11 +54,14 @@ class SerialExecution(ExecutionBackend):
     def __init__(self, progress: bool = False, *, timeout: float | None = None) -> None:
         if timeout is not None:
             raise ConfigurationError(
-                "SerialExecution", "timeout", timeout,
+                "SerialExecution",
+                "timeout",
+                timeout,
                 "None: runs execute in this process, and a run that hangs cannot be stopped "
                 "from outside. Use ParallelExecution(executor_type='process', timeout=...) "
                 "(the run's worker is killed and replaced), AsyncExecution(timeout=...) for "
-                "async steps, or RayExecution(timeout=...)")
+                "async steps, or RayExecution(timeout=...)",
+            )
         self.progress = progress
 
     def execute(self, experiment: Any, plan: Sequence[RunSpec]) -> Iterator[RunResult]:
@@ -97,12 +100,15 @@ class AsyncExecution(ExecutionBackend):
     async_native = True
     supports_timeout = True
 
-    def __init__(self, max_concurrency: int = 64, progress: bool = False, *,
-                 timeout: float | None = None) -> None:
-        check_option("AsyncExecution", "max_concurrency", max_concurrency, lambda v: is_int(v, 1),
-                     "an integer >= 1")
-        check_option("AsyncExecution", "timeout", timeout, lambda v: v is None or is_seconds(v),
-                     "None or a number of seconds > 0")
+    def __init__(self, max_concurrency: int = 64, progress: bool = False, *, timeout: float | None = None) -> None:
+        check_option("AsyncExecution", "max_concurrency", max_concurrency, lambda v: is_int(v, 1), "an integer >= 1")
+        check_option(
+            "AsyncExecution",
+            "timeout",
+            timeout,
+            lambda v: v is None or is_seconds(v),
+            "None or a number of seconds > 0",
+        )
         self.max_concurrency = max_concurrency
         self.progress = progress
         self.timeout = timeout
@@ -160,8 +166,9 @@ class AsyncExecution(ExecutionBackend):
                             break
                     if not running:
                         return
-                    finished, _ = await asyncio.wait(running, timeout=clock.wait(running),
-                                                     return_when=asyncio.FIRST_COMPLETED)
+                    finished, _ = await asyncio.wait(
+                        running, timeout=clock.wait(running), return_when=asyncio.FIRST_COMPLETED
+                    )
                     for task in finished:
                         ready.append(_outcome(task, running.pop(task)))
                     ready.extend(clock.expire(experiment, running))
@@ -197,7 +204,7 @@ class _Deadlines:
         if self.timeout is None:
             return asyncio.ensure_future(run)
         context = contextvars.copy_context()
-        task = asyncio.get_running_loop().create_task(run, context=context)
+        task = asyncio.get_running_loop().create_task(run, context=context)  # Python 3.11+
         self.started[task] = (time.monotonic(), context)
         return task
 

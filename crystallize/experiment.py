@@ -92,11 +92,11 @@ class Experiment:
         journal: bool | str | os.PathLike[str] | None = None,
     ) -> None:
         if getattr(datasource, "__crystallize_function__", None) and not isinstance(datasource, DataSource):
-            datasource = datasource()  # a bare @data_source factory
+            datasource = datasource()  # type: ignore[call-arg]  # a bare @data_source factory
         if not isinstance(pipeline, Pipeline) and isinstance(pipeline, (list, tuple)):
             pipeline = Pipeline(pipeline)
         self.datasource = datasource
-        self.pipeline = pipeline
+        self.pipeline: Pipeline = pipeline  # type: ignore[assignment]  # validate() says if not
         self.plugins = list(plugins or [])
         self.treatments = list(treatments or [])
         self.hypotheses = list(hypotheses or [])
@@ -174,14 +174,14 @@ class Experiment:
                 bad = [k for k in t.mapping if k in _RESERVED]
                 if bad:
                     problems.append(f"treatment {t.name!r} sets reserved key(s) {bad}; they are set per run.")
-        names: set[str] = set()
+        hypothesis_names: set[str] = set()
         for h in hypotheses:
             if not isinstance(h, Hypothesis):
                 problems.append(f"hypotheses must be Hypothesis objects, got {h!r}; use @hypothesis(...).")
                 continue
-            if h.name in names:
+            if h.name in hypothesis_names:
                 problems.append(f"two hypotheses are named {h.name!r}; give each a name=.")
-            names.add(h.name)
+            hypothesis_names.add(h.name)
         if not (self.cache is None or isinstance(self.cache, (bool, str, os.PathLike, CacheStore))):
             problems.append(
                 f"cache must be a cache store, a directory path, False (no caching), None "
@@ -272,7 +272,8 @@ class Experiment:
         if self.backend.async_native and loop_running():
             raise PipelineError(
                 f"Experiment.run() with {type(self.backend).__name__} inside a running event "
-                f"loop: use `await experiment.arun(...)`.")
+                f"loop: use `await experiment.arun(...)`."
+            )
         job, plan, journal, resumed = self._prepare(replicates, treatments, hypotheses, resume)
         with Collector(job, plan, journal, resumed) as collector:
             if plan:
@@ -302,7 +303,10 @@ class Experiment:
         return collector.result(strict)
 
     def _prepare(
-        self, replicates: int | None, treatments: Sequence[Treatment] | None, hypotheses: Sequence[Hypothesis] | None,
+        self,
+        replicates: int | None,
+        treatments: Sequence[Treatment] | None,
+        hypotheses: Sequence[Hypothesis] | None,
         resume: bool = False,
     ) -> tuple[Experiment, list[RunSpec], Journal, list[RunResult]]:
         """This call's experiment, the runs to execute, its journal and the runs it resumes."""
@@ -318,8 +322,14 @@ class Experiment:
         if problems:
             raise ValidationError(problems)
         if not (job.journal is None or isinstance(job.journal, (bool, str, os.PathLike))):
-            raise ValidationError([(f"journal must be a directory, None (the default "
-                                    f"./.crystallize/journals) or False (no journal), got {job.journal!r}.")])
+            raise ValidationError(
+                [
+                    (
+                        f"journal must be a directory, None (the default "
+                        f"./.crystallize/journals) or False (no journal), got {job.journal!r}."
+                    )
+                ]
+            )
         job._warn_unknown_keys(job.treatments, stacklevel=4)  # user -> run -> _prepare -> here
         journal = Journal.open(job, resume=resume)  # never raises: a journal never costs a run
         try:
@@ -334,8 +344,14 @@ class Experiment:
             raise
         resumed = reusable(journal, plan)
         if resumed:
-            log.info("Experiment %r: %d of %d runs resumed from %s; running the other %d.",
-                     job.name, len(resumed), len(plan), journal.path, len(plan) - len(resumed))
+            log.info(
+                "Experiment %r: %d of %d runs resumed from %s; running the other %d.",
+                job.name,
+                len(resumed),
+                len(plan),
+                journal.path,
+                len(plan) - len(resumed),
+            )
         done = {(run.replicate, run.condition) for run in resumed}
         return job, [spec for spec in plan if (spec.replicate, spec.condition) not in done], journal, resumed
 
@@ -354,27 +370,40 @@ class Experiment:
             "complete": evaluate,
         }
         # Once per run(), in the driver; each fact is best effort and never costs the result.
-        code = [*self.pipeline.steps, self.datasource, *(getattr(h.verifier, "fn", h.verifier) for h in self.hypotheses)]
+        code = [
+            *self.pipeline.steps,
+            self.datasource,
+            *(getattr(h.verifier, "fn", h.verifier) for h in self.hypotheses),
+        ]
         provenance.update(environment_facts(code))
-        result = Result(collected, self.conditions, provenance=provenance,
-                        treatment_params=treatment_params(self.treatments, self.initial_ctx, BASELINE))
+        result = Result(
+            collected,
+            self.conditions,
+            provenance=provenance,
+            treatment_params=treatment_params(self.treatments, self.initial_ctx, BASELINE),
+        )
         if result.errors:
-            log.warning("Experiment %r: %d of %d runs failed; the others finished. First: %s. "
-                        "See result.errors for every failure with its traceback.",
-                        self.name, len(result.errors), len(result.runs), result.errors[0])
+            log.warning(
+                "Experiment %r: %d of %d runs failed; the others finished. First: %s. "
+                "See result.errors for every failure with its traceback.",
+                self.name,
+                len(result.errors),
+                len(result.runs),
+                result.errors[0],
+            )
         if evaluate:
             _report_unread_keys(self, result)
             treated = {n: tm.metrics for n, tm in result.metrics.treatments.items()}
-            result.metrics.hypotheses = [
-                h.evaluate(result.metrics.baseline.metrics, treated) for h in self.hypotheses
-            ]
+            result.metrics.hypotheses = [h.evaluate(result.metrics.baseline.metrics, treated) for h in self.hypotheses]
             for plugin in self.plugins:
                 plugin.after_run(self, result)
         return result
 
     def __repr__(self) -> str:
-        return (f"Experiment(name={self.name!r}, steps={len(self.pipeline.steps) if isinstance(self.pipeline, Pipeline) else '?'}, "
-                f"treatments={[t.name for t in self.treatments]}, replicates={self.replicates})")
+        return (
+            f"Experiment(name={self.name!r}, steps={len(self.pipeline.steps) if isinstance(self.pipeline, Pipeline) else '?'}, "
+            f"treatments={[t.name for t in self.treatments]}, replicates={self.replicates})"
+        )
 
 
 def _report_unread_keys(job: Experiment, result: Result) -> None:
@@ -388,16 +417,21 @@ def _report_unread_keys(job: Experiment, result: Result) -> None:
         steps = job.pipeline.steps if isinstance(job.pipeline, Pipeline) else ()
         unread = unread_keys(job.treatments, result.runs, steps, job.datasource, job.plugins)
     except Exception:
-        log.exception("Experiment %r: could not check which treatment keys were used; the "
-                      "result is unaffected.", job.name)
+        log.exception(
+            "Experiment %r: could not check which treatment keys were used; the result is unaffected.", job.name
+        )
         return
     result.provenance["unused_treatment_keys"] = unread
     if unread:
         listed = "; ".join(f"{c!r}: {', '.join(map(repr, keys))}" for c, keys in unread.items())
-        log.warning("Experiment %r: no run read these treatment keys, and no step parameter took them "
-                    "from the context: %s. Unless the data source or a plugin reads them by a computed name, "
-                    "those treatments changed nothing; check the spelling against the steps' parameters. "
-                    "(Also in result.provenance['unused_treatment_keys'].)", job.name, listed)
+        log.warning(
+            "Experiment %r: no run read these treatment keys, and no step parameter took them "
+            "from the context: %s. Unless the data source or a plugin reads them by a computed name, "
+            "those treatments changed nothing; check the spelling against the steps' parameters. "
+            "(Also in result.provenance['unused_treatment_keys'].)",
+            job.name,
+            listed,
+        )
 
 
 def _pinned(plugin: BasePlugin, seed: int) -> BasePlugin:

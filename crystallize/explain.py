@@ -57,9 +57,7 @@ def why_missed(record: Any, parts: KeyParts) -> str | None:
     """
     inputs, keys = _read(record)
     new_input = parts.input not in inputs
-    index = (
-        inputs.get(record.get("last") if new_input else parts.input) if inputs else None
-    )
+    index = inputs.get(record.get("last") if new_input else parts.input) if inputs else None
     if index is None:
         return "input changed" if new_input and inputs else None
     try:
@@ -75,9 +73,7 @@ def why_missed(record: Any, parts: KeyParts) -> str | None:
     changed = _changed(params, parts.params, ())
     if changed:
         reasons.append(f"params changed: {', '.join(changed)}")
-    changed = _changed(
-        injected, parts.injected, explicit
-    )  # a name made explicit: said once
+    changed = _changed(injected, parts.injected, explicit)  # a name made explicit: said once
     if changed:
         reasons.append(f"injected value changed: {', '.join(changed)}")
     if new_input:
@@ -120,8 +116,4 @@ def _read(record: Any) -> tuple[dict[str, int], list[tuple[Any, ...]]]:
 
 
 def _changed(before: dict[str, str], now: dict[str, str], skip: Any) -> list[str]:
-    return sorted(
-        n
-        for n in before.keys() | now.keys()
-        if before.get(n) != now.get(n) and n not in skip
-    )
+    return sorted(n for n in before.keys() | now.keys() if before.get(n) != now.get(n) and n not in skip)

@@ -330,9 +330,7 @@ class _Encoder:
             self._emit(b"G", f"{module}.{reduced}".encode())
             return
         if not isinstance(reduced, tuple) or not 2 <= len(reduced) <= 6:
-            raise UnhashableValueError(
-                _qualified_name(type(obj)), f"__reduce_ex__ returned {type(reduced).__name__}"
-            )
+            raise UnhashableValueError(_qualified_name(type(obj)), f"__reduce_ex__ returned {type(reduced).__name__}")
         rebuild, args, state, listitems, dictitems = (reduced + (None,) * 3)[:5]
         self._emit(b"R", str(len(reduced)).encode())
         with _inside(obj):

@@ -182,8 +182,13 @@ class Journal:
         try:
             digest, parts = fingerprint(experiment)
         except Exception as exc:  # never cost a run
-            log.warning("Experiment %r: its fingerprint could not be computed (%s: %s); it runs "
-                        "without a journal and cannot be resumed.", experiment.name, type(exc).__name__, exc)
+            log.warning(
+                "Experiment %r: its fingerprint could not be computed (%s: %s); it runs "
+                "without a journal and cannot be resumed.",
+                experiment.name,
+                type(exc).__name__,
+                exc,
+            )
             return cls()
         name = re.sub(r"[^A-Za-z0-9._=+-]+", "_", str(experiment.name)).strip("._")[:150] or "experiment"
         path = folder / f"{name}-{digest[:16]}.jsonl"
@@ -193,8 +198,10 @@ class Journal:
             folder.mkdir(parents=True, exist_ok=True)
             journal._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
             if not _lock(journal._fd):
-                journal._off(f"another process is writing {journal.path} (the same experiment "
-                             f"running twice here?); this run keeps no journal")
+                journal._off(
+                    f"another process is writing {journal.path} (the same experiment "
+                    f"running twice here?); this run keeps no journal"
+                )
                 return journal
             if resume:
                 journal._read(experiment, folder, name)
@@ -210,9 +217,14 @@ class Journal:
             if not self._resumed:
                 os.ftruncate(self._fd, 0)
                 seed = next((p.base_seed for p in experiment.plugins if isinstance(p, SeedPlugin)), None)
-                header = {"journal": JOURNAL_VERSION, "experiment": str(experiment.name),
-                          "fingerprint": self._fingerprint, "seed": seed, "created": utc_iso(time.time()),
-                          "parts": self._parts}
+                header = {
+                    "journal": JOURNAL_VERSION,
+                    "experiment": str(experiment.name),
+                    "fingerprint": self._fingerprint,
+                    "seed": seed,
+                    "created": utc_iso(time.time()),
+                    "parts": self._parts,
+                }
                 _write_all(self._fd, (_ENCODER.encode(header) + "\n").encode())
                 os.fsync(self._fd)
                 _remove_stale(self.path)  # type: ignore[arg-type]
@@ -240,8 +252,12 @@ class Journal:
     # -- internals ------------------------------------------------------------
     def _off(self, why: str) -> None:
         """Step aside for the rest of this run, with one warning."""
-        log.warning("The run journal %s cannot be used (%s). The runs go on without it, but a "
-                    "driver that dies now cannot resume them.", self.path, why)
+        log.warning(
+            "The run journal %s cannot be used (%s). The runs go on without it, but a "
+            "driver that dies now cannot resume them.",
+            self.path,
+            why,
+        )
         self._writer = None
         fd, self._fd = self._fd, None
         if fd is not None:
@@ -266,8 +282,11 @@ class Journal:
             if header.get("journal") != JOURNAL_VERSION or header.get("fingerprint") != self._fingerprint:
                 raise RecordError(f"a header of format {header.get('journal')!r} for another fingerprint")
         except (ValueError, AttributeError) as exc:
-            log.warning("The run journal %s has an unreadable header (%s); it is started afresh and "
-                        "every run executes.", self.path, exc)
+            log.warning(
+                "The run journal %s has an unreadable header (%s); it is started afresh and every run executes.",
+                self.path,
+                exc,
+            )
             return
         damaged = 0
         for line in lines[1:-1]:  # the last piece is empty, or a torn line
@@ -312,9 +331,14 @@ class _Writer:
                 try:
                     lines.append(_ENCODER.encode(run_to_record(run)))
                 except Exception as exc:  # that run executes again on resume
-                    log.warning("Replicate %d, condition %r could not be written to the run journal "
-                                "(%s: %s); a resume runs it again.", run.replicate, run.condition,
-                                type(exc).__name__, exc)
+                    log.warning(
+                        "Replicate %d, condition %r could not be written to the run journal "
+                        "(%s: %s); a resume runs it again.",
+                        run.replicate,
+                        run.condition,
+                        type(exc).__name__,
+                        exc,
+                    )
             try:
                 _write_all(self._fd, ("\n".join(lines) + "\n").encode())
                 os.fsync(self._fd)
@@ -345,8 +369,10 @@ def _step_digest(step: Any) -> str:
 
 def _has_replicate_hooks(plugin: Any) -> bool:
     cls = type(plugin)
-    return (getattr(cls, "before_replicate", None) is not BasePlugin.before_replicate
-            or getattr(cls, "after_replicate", None) is not BasePlugin.after_replicate)
+    return (
+        getattr(cls, "before_replicate", None) is not BasePlugin.before_replicate
+        or getattr(cls, "after_replicate", None) is not BasePlugin.after_replicate
+    )
 
 
 def _lock(fd: int) -> bool:
@@ -370,11 +396,11 @@ def _read_all(fd: int) -> bytes:
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def _others(folder: Path, name: str, path: Path) -> list[Path]:
-    return [p for p in folder.glob(f"{name}-*.jsonl") if p != path and p.stem[len(name) + 1:].isalnum()]
+    return [p for p in folder.glob(f"{name}-*.jsonl") if p != path and p.stem[len(name) + 1 :].isalnum()]
 
 
 def _newest_other(folder: Path, name: str, path: Path) -> Path | None:
@@ -410,7 +436,10 @@ def _warn_changed(name: str, stale: Path, parts: Mapping[str, Any]) -> None:
     warnings.warn(
         f"Experiment {name!r} changed since its journal {stale} was written ({changed}), so its "
         f"{runs} journaled run(s) are not reused: every run executes, into a new journal. Resume "
-        f"continues only the experiment that wrote the journal.", UserWarning, stacklevel=6)
+        f"continues only the experiment that wrote the journal.",
+        UserWarning,
+        stacklevel=6,
+    )
 
 
 def _changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
@@ -427,8 +456,12 @@ def _changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     said += [f"treatment {n!r} changed" for n in new_t if n in old_t and old_t[n] != new_t[n]]
     said += [f"treatment {n!r} added" for n in new_t if n not in old_t]
     said += [f"treatment {n!r} removed" for n in old_t if n not in new_t]
-    labels = {"datasource": "the data source changed", "initial_ctx": "initial_ctx changed",
-              "plugins": "plugins with replicate hooks changed", "seed": "the seed changed"}
+    labels = {
+        "datasource": "the data source changed",
+        "initial_ctx": "initial_ctx changed",
+        "plugins": "plugins with replicate hooks changed",
+        "seed": "the seed changed",
+    }
     said += [text for key, text in labels.items() if old.get(key) != _jsonable(new.get(key))]
     return "; ".join(said) or "its fingerprint differs"
 

@@ -97,34 +97,47 @@ class ParallelExecution(ExecutionBackend):
         max_runs_per_worker: int | None = None,
     ) -> None:
         owner = "ParallelExecution"
-        check_option(owner, "executor_type", executor_type, lambda v: v in _EXECUTORS,
-                     "'thread' or 'process'")
-        check_option(owner, "max_workers", max_workers, lambda v: v is None or is_int(v, 1),
-                     "None or an integer >= 1")
-        check_option(owner, "batch_size", batch_size, lambda v: v is None or is_int(v, 1),
-                     "None or an integer >= 1")
+        check_option(owner, "executor_type", executor_type, lambda v: v in _EXECUTORS, "'thread' or 'process'")
+        check_option(owner, "max_workers", max_workers, lambda v: v is None or is_int(v, 1), "None or an integer >= 1")
+        check_option(owner, "batch_size", batch_size, lambda v: v is None or is_int(v, 1), "None or an integer >= 1")
         check_option(owner, "max_retries", max_retries, lambda v: is_int(v, 0), "an integer >= 0")
         check_option(owner, "progress", progress, lambda v: isinstance(v, bool), "True or False")
         methods = multiprocessing.get_all_start_methods()
-        check_option(owner, "start_method", start_method, lambda v: v is None or v in methods,
-                     f"None or one of {methods}")
-        check_option(owner, "threads_per_worker", threads_per_worker,
-                     lambda v: v is None or is_int(v, 1), "None or an integer >= 1")
-        check_option(owner, "timeout", timeout, lambda v: v is None or is_seconds(v),
-                     "None or a number of seconds > 0")
-        check_option(owner, "max_runs_per_worker", max_runs_per_worker,
-                     lambda v: v is None or is_int(v, 1), "None or an integer >= 1")
+        check_option(
+            owner, "start_method", start_method, lambda v: v is None or v in methods, f"None or one of {methods}"
+        )
+        check_option(
+            owner,
+            "threads_per_worker",
+            threads_per_worker,
+            lambda v: v is None or is_int(v, 1),
+            "None or an integer >= 1",
+        )
+        check_option(owner, "timeout", timeout, lambda v: v is None or is_seconds(v), "None or a number of seconds > 0")
+        check_option(
+            owner,
+            "max_runs_per_worker",
+            max_runs_per_worker,
+            lambda v: v is None or is_int(v, 1),
+            "None or an integer >= 1",
+        )
         if executor_type == "thread" and timeout is not None:
             raise ConfigurationError(
-                owner, "timeout", timeout,
+                owner,
+                "timeout",
+                timeout,
                 "None with executor_type='thread': a thread cannot be stopped from outside, so an "
                 "overdue run could not be ended. Use executor_type='process' (its worker is "
-                "killed and replaced), or AsyncExecution(timeout=...) for async steps")
+                "killed and replaced), or AsyncExecution(timeout=...) for async steps",
+            )
         if executor_type == "thread" and max_runs_per_worker is not None:
             raise ConfigurationError(
-                owner, "max_runs_per_worker", max_runs_per_worker,
+                owner,
+                "max_runs_per_worker",
+                max_runs_per_worker,
                 "None with executor_type='thread': threads share this process, so replacing one "
-                "frees no memory. Use executor_type='process'")
+                "frees no memory. Use executor_type='process'",
+            )
         self.timeout = timeout
         self.max_runs_per_worker = max_runs_per_worker
         self.threads_per_worker = threads_per_worker
@@ -165,10 +178,16 @@ class ParallelExecution(ExecutionBackend):
     # -- processes ------------------------------------------------------------
     def _processes(self, experiment: Any, plan: Sequence[RunSpec]) -> Iterator[RunResult]:
         return run_in_processes(
-            experiment, plan, workers=self.max_workers or os.cpu_count() or 1, batch_size=self.batch_size,
-            max_retries=self.max_retries, start_method=self.start_method,
-            threads_per_worker=self.threads_per_worker, timeout=self.timeout,
-            max_runs_per_worker=self.max_runs_per_worker)
+            experiment,
+            plan,
+            workers=self.max_workers or os.cpu_count() or 1,
+            batch_size=self.batch_size,
+            max_retries=self.max_retries,
+            start_method=self.start_method,
+            threads_per_worker=self.threads_per_worker,
+            timeout=self.timeout,
+            max_runs_per_worker=self.max_runs_per_worker,
+        )
 
 
 class _Raised:

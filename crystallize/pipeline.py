@@ -57,25 +57,18 @@ class Pipeline:
     def __init__(self, steps: Iterable[Any]) -> None:
         if isinstance(steps, (str, bytes, Mapping)) or not isinstance(steps, Iterable):
             raise PipelineError(
-                f"Pipeline takes a list of steps, got {type(steps).__name__}: "
-                f"Pipeline([step_a(), step_b()])."
+                f"Pipeline takes a list of steps, got {type(steps).__name__}: Pipeline([step_a(), step_b()])."
             )
-        self.steps: tuple[PipelineStep, ...] = tuple(
-            _as_step(entry, index) for index, entry in enumerate(steps)
-        )
+        self.steps: tuple[PipelineStep, ...] = tuple(_as_step(entry, index) for index, entry in enumerate(steps))
         if not self.steps:
-            raise PipelineError(
-                "A Pipeline needs at least one step, e.g. Pipeline([my_step()])."
-            )
+            raise PipelineError("A Pipeline needs at least one step, e.g. Pipeline([my_step()]).")
 
     @property
     def is_async(self) -> bool:
         """Whether any step is an async function."""
         return any(step.is_async() for step in self.steps)
 
-    def run(
-        self, data: Any, ctx: FrozenContext | None = None, *, cache: CacheStore | str | bool | None = None
-    ) -> Any:
+    def run(self, data: Any, ctx: FrozenContext | None = None, *, cache: CacheStore | str | bool | None = None) -> Any:
         """Run every step over ``data`` and return the last step's output.
 
         Async steps are awaited on a private event loop. Inside a running event loop
@@ -169,9 +162,7 @@ class _Miss:
         self.reason, self.namespace, self.record = reason, namespace, record
 
 
-def _run_step(
-    index: int, step: PipelineStep, data: Any, ctx: FrozenContext, cache: StepCache | None
-) -> Loop:
+def _run_step(index: int, step: PipelineStep, data: Any, ctx: FrozenContext, cache: StepCache | None) -> Loop:
     """Run one step: resolve parameters, look the cache up, call, record provenance."""
     started = time.perf_counter()
     flight = None
@@ -198,8 +189,18 @@ def _run_step(
                     entry, miss = flight.entry, None
                     _replay_step(entry, ctx, step, index)
             if entry is not None:
-                _record(ctx, step, index, params, keys, "hit", tuple(entry.reads), recorder, started,
-                        waited=flight.waited if flight is not None else 0.0)
+                _record(
+                    ctx,
+                    step,
+                    index,
+                    params,
+                    keys,
+                    "hit",
+                    tuple(entry.reads),
+                    recorder,
+                    started,
+                    waited=flight.waited if flight is not None else 0.0,
+                )
                 return entry.output
             # What the step may draw from, as it finds it (see crystallize.randomness).
             generators = _capture(step, ctx)
@@ -219,8 +220,19 @@ def _run_step(
                 status = _store(cache, step, keys, output, recorder, moved, miss)  # type: ignore[arg-type]
             if cache.failed:  # type: ignore[union-attr]  # warned once by the store; the run stands
                 status = "error"
-        _record(ctx, step, index, params, keys, status, tuple(recorder.reads), recorder, started,
-                miss.reason if miss else None, waited=flight.waited if flight is not None else 0.0)
+        _record(
+            ctx,
+            step,
+            index,
+            params,
+            keys,
+            status,
+            tuple(recorder.reads),
+            recorder,
+            started,
+            miss.reason if miss else None,
+            waited=flight.waited if flight is not None else 0.0,
+        )
         return output
     finally:
         ctx._recorder = None
@@ -239,8 +251,9 @@ def _lookup(
             miss.namespace = hash_struct("explain", step.qualified_name(), index)
             miss.record = cache.load_record(miss.namespace, RECORD_KEY)
             miss.reason = why_missed(miss.record, keys.parts)
-        cache_log.debug("Step %r (index %d) missed the cache: %s.", step.name, index,
-                        miss.reason or "no entry for this step yet")
+        cache_log.debug(
+            "Step %r (index %d) missed the cache: %s.", step.name, index, miss.reason or "no entry for this step yet"
+        )
         return None, miss
     _replay_step(entry, ctx, step, index)
     return entry, None
@@ -273,8 +286,12 @@ def _consumed(step: PipelineStep, generators: list[Any] | None) -> list[Any] | N
 
 
 def _unreadable_generators(step: PipelineStep, exc: Exception) -> None:
-    log.warning("Step %r: the random generators' state could not be read (%s: %s); its "
-                "output is not cached.", step.name, type(exc).__name__, exc)
+    log.warning(
+        "Step %r: the random generators' state could not be read (%s: %s); its output is not cached.",
+        step.name,
+        type(exc).__name__,
+        exc,
+    )
 
 
 def _invoke(step: PipelineStep, data: Any, ctx: FrozenContext, params: dict[str, Any]) -> Any:
@@ -294,8 +311,10 @@ def _cache_key(step: PipelineStep, params: dict[str, Any], data: Any) -> _Keys |
         input_hash = hash_value(data)
     except Exception as exc:
         log.warning(
-            "Step %r is cacheable but its parameters or input could not be hashed "
-            "(%s: %s); it runs without the cache.", step.name, type(exc).__name__, exc,
+            "Step %r is cacheable but its parameters or input could not be hashed (%s: %s); it runs without the cache.",
+            step.name,
+            type(exc).__name__,
+            exc,
         )
         return None
     parts = KeyParts(identity, code, explicit, injected, input_hash)
@@ -315,8 +334,13 @@ def _param_digest(value: Any) -> str:
 
 
 def _store(
-    cache: StepCache, step: PipelineStep, keys: _Keys, output: Any, recorder: _StepRecorder,
-    moved: list[tuple[Any, Any, Any]], miss: _Miss | None,
+    cache: StepCache,
+    step: PipelineStep,
+    keys: _Keys,
+    output: Any,
+    recorder: _StepRecorder,
+    moved: list[tuple[Any, Any, Any]],
+    miss: _Miss | None,
 ) -> CacheStatus:
     # A generator the step drew from is read like a ctx value: the entry holds for
     # its state at entry only, and a hit leaves it where the step left it.
@@ -326,12 +350,19 @@ def _store(
         reads = read_digests(recorder.reads)
     except Exception as exc:
         log.warning(
-            "Step %r read a context value that cannot be hashed (%s); its output is "
-            "not cached.", step.name, exc,
+            "Step %r read a context value that cannot be hashed (%s); its output is not cached.",
+            step.name,
+            exc,
         )
         return "skipped"
-    entry = CacheEntry(output, list(recorder.metrics), list(recorder.added), reads,
-                       list(recorder.artifacts), {key: after for key, _, after in moved})
+    entry = CacheEntry(
+        output,
+        list(recorder.metrics),
+        list(recorder.added),
+        reads,
+        list(recorder.artifacts),
+        {key: after for key, _, after in moved},
+    )
     if not cache.save(keys.step_hash, keys.input_hash, entry, step=step.name):
         log.warning("Step %r: output not cached (see the warning above).", step.name)
         return "skipped"
@@ -365,18 +396,34 @@ def _split_metrics(output: Any, ctx: FrozenContext) -> Any:
 
 
 def _record(
-    ctx: FrozenContext, step: PipelineStep, index: int, params: dict[str, Any],
-    keys: _Keys | None, status: CacheStatus,
-    reads: tuple[str, ...], recorder: _StepRecorder, started: float, miss_reason: str | None = None,
-    *, waited: float = 0.0,
+    ctx: FrozenContext,
+    step: PipelineStep,
+    index: int,
+    params: dict[str, Any],
+    keys: _Keys | None,
+    status: CacheStatus,
+    reads: tuple[str, ...],
+    recorder: _StepRecorder,
+    started: float,
+    miss_reason: str | None = None,
+    *,
+    waited: float = 0.0,
 ) -> None:
-    ctx.provenance.append(StepRecord(
-        name=step.name, index=index, params=params,
-        step_hash=keys.step_hash if keys else None,
-        input_hash=keys.input_hash if keys else None, cache=status, reads=reads,
-        added=tuple(k for k, _ in recorder.added), seconds=time.perf_counter() - started,
-        miss_reason=miss_reason, waited=waited,
-    ))
+    ctx.provenance.append(
+        StepRecord(
+            name=step.name,
+            index=index,
+            params=params,
+            step_hash=keys.step_hash if keys else None,
+            input_hash=keys.input_hash if keys else None,
+            cache=status,
+            reads=reads,
+            added=tuple(k for k, _ in recorder.added),
+            seconds=time.perf_counter() - started,
+            miss_reason=miss_reason,
+            waited=waited,
+        )
+    )
 
 
 def _as_step(entry: Any, index: int) -> PipelineStep:

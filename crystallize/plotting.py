@@ -64,14 +64,18 @@ def plot_result(result: Any, metric: str | None = None, path: str | os.PathLike[
         if metric not in names:
             raise ValueError(f"Result.plot(metric={metric!r}): no such metric; the result has {names}.")
         if metric not in numeric:
-            raise ValueError(f"Result.plot(metric={metric!r}): its values are not all numbers, so there "
-                             f"is no distribution to draw. Numeric metrics: {numeric}.")
+            raise ValueError(
+                f"Result.plot(metric={metric!r}): its values are not all numbers, so there "
+                f"is no distribution to draw. Numeric metrics: {numeric}."
+            )
         numeric, skipped = [metric], []
     else:
         skipped = [m for m in names if m not in numeric]
     if not numeric:
-        raise ValueError(f"Result.plot(): no metric has numeric values to draw (metrics: {names}). "
-                         f"Record numbers with ctx.metrics.add(name, value).")
+        raise ValueError(
+            f"Result.plot(): no metric has numeric values to draw (metrics: {names}). "
+            f"Record numbers with ctx.metrics.add(name, value)."
+        )
 
     cols = min(len(numeric), _PER_ROW)
     rows = math.ceil(len(numeric) / cols)
@@ -81,7 +85,7 @@ def plot_result(result: Any, metric: str | None = None, path: str | os.PathLike[
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, name in zip(axes.flat, numeric):
         _draw(ax, name, [(c, metrics.get(name, [])) for c, metrics in per_condition])
-    for ax in list(axes.flat)[len(numeric):]:
+    for ax in list(axes.flat)[len(numeric) :]:
         ax.set_visible(False)
     fig.suptitle(title, fontsize=10, ha="left", x=0.02)
     if skipped:
@@ -110,8 +114,14 @@ def _draw(ax: Any, name: str, data: Sequence[tuple[str, list[Any]]]) -> None:
             positions.append(i)
             boxes.append(finite)
     if boxes:
-        ax.boxplot(boxes, positions=positions, widths=0.5, showfliers=False,
-                   medianprops={"color": "C1"}, boxprops={"color": "0.3"})
+        ax.boxplot(
+            boxes,
+            positions=positions,
+            widths=0.5,
+            showfliers=False,
+            medianprops={"color": "C1"},
+            boxprops={"color": "0.3"},
+        )
     for pos, values in zip(positions, boxes):
         spread = [(k - (len(values) - 1) / 2) * min(0.3 / max(len(values), 1), 0.06) for k in range(len(values))]
         ax.scatter([pos + s for s in spread], values, s=14, alpha=0.7, color="C0", zorder=3)

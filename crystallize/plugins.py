@@ -34,7 +34,6 @@ from typing import Any
 from .context import FrozenContext
 from .hashing import hash_struct
 from .result import Result, RunResult
-from .runner import RunnableExperiment
 
 __all__ = ["BasePlugin", "LoggingPlugin", "SeedPlugin", "check_plugin"]
 
@@ -50,19 +49,19 @@ HOOKS: dict[str, tuple[str, ...]] = {
 class BasePlugin:
     """Base class for plugins; override only the hooks you need (see module docs)."""
 
-    def before_run(self, experiment: RunnableExperiment) -> None:
+    def before_run(self, experiment: Any) -> None:
         """Called in the driver before any run of ``Experiment.run()`` starts."""
 
-    def before_replicate(self, experiment: RunnableExperiment, ctx: FrozenContext) -> None:
+    def before_replicate(self, experiment: Any, ctx: FrozenContext) -> None:
         """Called inside each run, after its treatment, before its datasource."""
 
-    def after_replicate(self, experiment: RunnableExperiment, ctx: FrozenContext) -> None:
+    def after_replicate(self, experiment: Any, ctx: FrozenContext) -> None:
         """Called inside each run after the pipeline, whether it succeeded or not."""
 
-    def on_run_result(self, experiment: RunnableExperiment, run: RunResult) -> None:
+    def on_run_result(self, experiment: Any, run: RunResult) -> None:
         """Called in the driver as each run's result arrives."""
 
-    def after_run(self, experiment: RunnableExperiment, result: Result) -> None:
+    def after_run(self, experiment: Any, result: Result) -> None:
         """Called in the driver once every run has finished."""
 
     @property
@@ -84,8 +83,7 @@ def check_plugin(plugin: Any) -> list[str]:
         if attr.startswith(("before_", "after_", "on_")) or near:
             hint = f" Did you mean {near[0]}()?" if near else ""
             problems.append(
-                f"Plugin {name} defines {attr}(), which is not a hook; "
-                f"hooks are: {', '.join(HOOKS)}.{hint}"
+                f"Plugin {name} defines {attr}(), which is not a hook; hooks are: {', '.join(HOOKS)}.{hint}"
             )
     for hook, args in HOOKS.items():
         method = getattr(plugin, hook)
@@ -111,18 +109,22 @@ class LoggingPlugin(BasePlugin):
         self.level, self.verbose = level, verbose
         self.log = logging.getLogger("crystallize.experiment")
 
-    def before_run(self, experiment: RunnableExperiment) -> None:
+    def before_run(self, experiment: Any) -> None:
         self.log.log(self.level, "Experiment %r starting", experiment.name)
 
-    def on_run_result(self, experiment: RunnableExperiment, run: RunResult) -> None:
+    def on_run_result(self, experiment: Any, run: RunResult) -> None:
         if self.verbose:
             status = "ok" if run.error is None else f"FAILED ({run.error.type})"
-            self.log.log(self.level, "run r=%d %s: %s in %.3fs", run.replicate, run.condition,
-                         status, run.seconds)
+            self.log.log(self.level, "run r=%d %s: %s in %.3fs", run.replicate, run.condition, status, run.seconds)
 
-    def after_run(self, experiment: RunnableExperiment, result: Result) -> None:
-        self.log.log(self.level, "Experiment %r finished: %d runs, %d failed",
-                     experiment.name, len(result.runs), len(result.errors))
+    def after_run(self, experiment: Any, result: Result) -> None:
+        self.log.log(
+            self.level,
+            "Experiment %r finished: %d runs, %d failed",
+            experiment.name,
+            len(result.runs),
+            len(result.errors),
+        )
 
 
 def seed_for(seed: int, replicate: int) -> int:
@@ -181,14 +183,14 @@ class SeedPlugin(BasePlugin):
             raise RuntimeError("SeedPlugin(seed=None) draws its seed when the experiment runs.")
         return seed_for(base, replicate)
 
-    def before_run(self, experiment: RunnableExperiment) -> None:
+    def before_run(self, experiment: Any) -> None:
         if self.seed is None:
             self._drawn = secrets.randbits(32)
         # Import numpy here, once, in the driver: several pool threads importing it
         # at the same moment in before_replicate see a half-initialised module.
         _import_numpy()
 
-    def before_replicate(self, experiment: RunnableExperiment, ctx: FrozenContext) -> None:
+    def before_replicate(self, experiment: Any, ctx: FrozenContext) -> None:
         run_seed = self.seed_for(ctx.peek("replicate"))
         ctx.add("seed", run_seed)
         ctx.add("rng", random.Random(run_seed))

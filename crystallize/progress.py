@@ -57,8 +57,16 @@ class Progress:
         demo: [########################] 2/2 runs (100%), 1 failed, finished in 0.0s (... runs/s)
     """
 
-    def __init__(self, total: int, *, enabled: bool = True, label: str = "crystallize",
-                 stream: TextIO | None = None, interval: float = 0.2, every: float | None = None) -> None:
+    def __init__(
+        self,
+        total: int,
+        *,
+        enabled: bool = True,
+        label: str = "crystallize",
+        stream: TextIO | None = None,
+        interval: float = 0.2,
+        every: float | None = None,
+    ) -> None:
         self.total, self.enabled, self.label = total, enabled, label
         self.stream = stream or sys.stderr
         isatty = getattr(self.stream, "isatty", None)
@@ -119,8 +127,10 @@ class Progress:
         width = 24
         filled = int(width * self.done / self.total) if self.total else width
         pct = 100 * self.done / self.total if self.total else 100
-        head = (f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} runs ({pct:3.0f}%), "
-                f"{self.failed} failed")
+        head = (
+            f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} runs ({pct:3.0f}%), "
+            f"{self.failed} failed"
+        )
         if final:
             took = now - self._start
             verb = "finished in" if self.done >= self.total else "stopped after"
@@ -154,8 +164,12 @@ class Progress:
         except (OSError, ValueError) as exc:  # a closed or broken stream must not cost a run
             self.enabled = False
             self._stop.set()
-            log.warning("The progress line could not be written (%s: %s); progress is off for the "
-                        "rest of this run. The runs are unaffected.", type(exc).__name__, exc)
+            log.warning(
+                "The progress line could not be written (%s: %s); progress is off for the "
+                "rest of this run. The runs are unaffected.",
+                type(exc).__name__,
+                exc,
+            )
 
     def _heartbeat(self) -> None:
         """Write a line whenever ``every`` seconds pass without one, runs finishing or not."""

@@ -59,9 +59,7 @@ def source_name(key: tuple[str, ...]) -> str:
 
 def capture(ctx: Any) -> list[tuple[tuple[str, ...], Any, Any]]:
     """The state of every generator a step could draw from, as ``(key, owner, state)``."""
-    taken: list[tuple[tuple[str, ...], Any, Any]] = [
-        (_GLOBAL_RANDOM, random, random.getstate())
-    ]
+    taken: list[tuple[tuple[str, ...], Any, Any]] = [(_GLOBAL_RANDOM, random, random.getstate())]
     np_random = sys.modules.get("numpy.random")
     if np_random is not None:
         taken.append((_GLOBAL_NUMPY, np_random, np_random.get_state()))
@@ -116,18 +114,14 @@ def restore(key: tuple[str, ...], state: Any, ctx: Any) -> None:
         return
     value = ctx.peek(key[2][len("ctx:") :])
     if not _is_generator(value):
-        raise LookupError(
-            f"The context holds no generator at {key[2][4:]!r} to restore."
-        )
+        raise LookupError(f"The context holds no generator at {key[2][4:]!r} to restore.")
     _set_state(value, state)
 
 
 def _module(name: str, key: tuple[str, ...]) -> Any:
     module = sys.modules.get(name)
     if module is None:
-        raise LookupError(
-            f"{name} is not imported, so randomness source {key[2]!r} cannot be restored."
-        )
+        raise LookupError(f"{name} is not imported, so randomness source {key[2]!r} cannot be restored.")
     return module
 
 
@@ -143,9 +137,7 @@ def _is_generator(value: Any) -> bool:
     if isinstance(value, random.Random):
         return not isinstance(value, random.SystemRandom)  # no state to key or restore
     np_random = sys.modules.get("numpy.random")
-    if np_random is not None and isinstance(
-        value, (np_random.Generator, np_random.RandomState)
-    ):
+    if np_random is not None and isinstance(value, (np_random.Generator, np_random.RandomState)):
         return True
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(value, torch.Generator)
@@ -201,7 +193,5 @@ def _same_deep(a: Any, b: Any) -> bool:
     if isinstance(a, (tuple, list)):
         return len(a) == len(b) and all(_same_deep(x, y) for x, y in zip(a, b))
     if hasattr(a, "tobytes") and hasattr(a, "dtype"):  # a numpy array
-        return bool(
-            a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-        )
+        return bool(a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes())
     return bool(a == b)

@@ -104,8 +104,11 @@ def encode_value(value: Any, notes: list[str] | None = None, where: str = "value
     if isinstance(value, dict):
         if all(isinstance(k, str) and not k.startswith("$") for k in value):
             return {k: encode_value(v, notes, f"{where}[{k!r}]") for k, v in value.items()}
-        return {"$dict": [[encode_value(k, notes, where), encode_value(v, notes, f"{where}[{k!r}]")]
-                          for k, v in value.items()]}
+        return {
+            "$dict": [
+                [encode_value(k, notes, where), encode_value(v, notes, f"{where}[{k!r}]")] for k, v in value.items()
+            ]
+        }
     if isinstance(value, (set, frozenset)):
         tag = "$set" if isinstance(value, set) else "$frozenset"
         return {tag: [encode_value(v, notes, where) for v in sorted(value, key=repr)]}
@@ -203,8 +206,10 @@ def run_to_record(run: RunResult, *, notes: list[str] | None = None) -> dict[str
         "seed": encode_value(run.seed, notes, f"seed of {where}"),
         "seconds": encode_value(run.seconds),
         "attempts": run.attempts,
-        "metrics": {name: encode_value(list(values), notes, f"metric {name!r} of {where}")
-                    for name, values in run.metrics.items()},
+        "metrics": {
+            name: encode_value(list(values), notes, f"metric {name!r} of {where}")
+            for name, values in run.metrics.items()
+        },
         "error": None if run.error is None else {f: getattr(run.error, f) for f in _ERROR_FIELDS},
         "provenance": [_step_to_record(step, notes, f"step {i} of {where}") for i, step in enumerate(run.provenance)],
         "artifacts": [{"name": a.name, "base64": base64.b64encode(a.data).decode("ascii")} for a in run.artifacts],
@@ -220,8 +225,10 @@ def run_from_record(record: Mapping[str, Any]) -> RunResult:
     """
     version = record.get("record")
     if not isinstance(version, int) or version > RECORD_VERSION:
-        raise RecordError(f"A run record has format {version!r}; this crystallize reads format "
-                          f"{RECORD_VERSION} and older. Upgrade crystallize to read it.")
+        raise RecordError(
+            f"A run record has format {version!r}; this crystallize reads format "
+            f"{RECORD_VERSION} and older. Upgrade crystallize to read it."
+        )
     try:
         error = record["error"]
         return RunResult(
@@ -237,8 +244,9 @@ def run_from_record(record: Mapping[str, Any]) -> RunResult:
             artifact_errors=list(record["artifact_errors"]),
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise RecordError(f"A run record is incomplete or damaged ({type(exc).__name__}: {exc}): "
-                          f"{str(dict(record))[:200]}") from exc
+        raise RecordError(
+            f"A run record is incomplete or damaged ({type(exc).__name__}: {exc}): {str(dict(record))[:200]}"
+        ) from exc
 
 
 def _step_to_record(step: Any, notes: list[str] | None, where: str) -> dict[str, Any]:
@@ -293,9 +301,12 @@ def hypothesis_from_record(record: Mapping[str, Any]) -> HypothesisResult:
     """
     try:
         return HypothesisResult(
-            name=record["name"], metrics=list(record["metrics"]),
-            results=decode_value(record["results"]), errors=dict(record["errors"]),
-            ranking=list(record["ranking"]), scores=decode_value(record["scores"]),
+            name=record["name"],
+            metrics=list(record["metrics"]),
+            results=decode_value(record["results"]),
+            errors=dict(record["errors"]),
+            ranking=list(record["ranking"]),
+            scores=decode_value(record["scores"]),
         )
     except (KeyError, TypeError) as exc:
         raise RecordError(f"A hypothesis record is incomplete ({type(exc).__name__}: {exc}).") from exc

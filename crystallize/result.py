@@ -84,7 +84,8 @@ class Result:
         self.conditions = list(conditions)
         self.provenance: dict[str, Any] = dict(provenance or {})
         self.treatment_params: dict[str, dict[str, Any]] = {
-            c: dict(values) for c, values in (treatment_params or {}).items()}
+            c: dict(values) for c, values in (treatment_params or {}).items()
+        }
         self._index = {(r.replicate, r.condition): r for r in self.runs}
         per_condition = {name: TreatmentMetrics() for name in conditions}
         for run in self.runs:
@@ -107,8 +108,7 @@ class Result:
             return self._index[(replicate, condition)]
         except KeyError:
             raise KeyError(
-                f"No run for replicate {replicate} and condition {condition!r}; "
-                f"conditions are {self.conditions}."
+                f"No run for replicate {replicate} and condition {condition!r}; conditions are {self.conditions}."
             ) from None
 
     def raise_for_errors(self) -> Result:
@@ -198,9 +198,15 @@ class Result:
             >>> Result.load(folder).metrics.baseline.metrics
             {'x': [1.5]}
         """
-        return save_parts(folder, runs=self.runs, conditions=self.conditions,
-                          hypotheses=self.metrics.hypotheses, provenance=self.provenance,
-                          treatment_params=self.treatment_params, table=table)
+        return save_parts(
+            folder,
+            runs=self.runs,
+            conditions=self.conditions,
+            hypotheses=self.metrics.hypotheses,
+            provenance=self.provenance,
+            treatment_params=self.treatment_params,
+            table=table,
+        )
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str]) -> Result:
@@ -211,8 +217,13 @@ class Result:
                 damaged, or written by a newer crystallize.
         """
         parts = load_parts(folder)
-        return cls(parts["runs"], parts["conditions"], hypotheses=parts["hypotheses"],
-                   provenance=parts["provenance"], treatment_params=parts["treatment_params"])
+        return cls(
+            parts["runs"],
+            parts["conditions"],
+            hypotheses=parts["hypotheses"],
+            provenance=parts["provenance"],
+            treatment_params=parts["treatment_params"],
+        )
 
     def plot(self, metric: str | None = None, path: str | os.PathLike[str] | None = None) -> Any:
         """Each metric's distribution per condition; hypotheses' verdicts in the title.
@@ -235,8 +246,10 @@ class Result:
 
     def summary(self) -> str:
         """A plain-text table: per condition and metric, n, mean and spread; then errors."""
-        lines = [f"Experiment {self.provenance.get('name') or ''}".rstrip()
-                 + f": {len(self.runs)} runs, {len(self.errors)} failed"]
+        lines = [
+            f"Experiment {self.provenance.get('name') or ''}".rstrip()
+            + f": {len(self.runs)} runs, {len(self.errors)} failed"
+        ]
         origin = _origin(self.provenance)
         if origin:
             lines.append(origin)
@@ -246,8 +259,16 @@ class Result:
             for metric, values in tm.metrics.items():
                 nums = [float(v) for v in values if isinstance(v, numbers.Real) and not isinstance(v, bool)]
                 if nums:
-                    rows.append((cname, metric, str(len(values)), f"{sum(nums) / len(nums):.4g}",
-                                 f"{min(nums):.4g}", f"{max(nums):.4g}"))
+                    rows.append(
+                        (
+                            cname,
+                            metric,
+                            str(len(values)),
+                            f"{sum(nums) / len(nums):.4g}",
+                            f"{min(nums):.4g}",
+                            f"{max(nums):.4g}",
+                        )
+                    )
                 else:
                     rows.append((cname, metric, str(len(values)), "-", "-", "-"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -290,7 +311,9 @@ def _origin(provenance: Mapping[str, Any]) -> str:
     parts = []
     if provenance.get("started"):
         took = provenance.get("seconds")
-        parts.append(f"started {provenance['started']}" + (f" ({took:.3g} s)" if isinstance(took, (int, float)) else ""))
+        parts.append(
+            f"started {provenance['started']}" + (f" ({took:.3g} s)" if isinstance(took, (int, float)) else "")
+        )
     if provenance.get("host"):
         parts.append(f"on {provenance['host']}")
     line = " ".join(parts)

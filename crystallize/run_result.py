@@ -39,10 +39,7 @@ class RunError:
     traceback: str = ""
 
     def __str__(self) -> str:
-        return (
-            f"replicate {self.replicate}, condition {self.condition!r}, at {self.step}: "
-            f"{self.type}: {self.message}"
-        )
+        return f"replicate {self.replicate}, condition {self.condition!r}, at {self.step}: {self.type}: {self.message}"
 
 
 @dataclass

@@ -156,8 +156,9 @@ def _error(replicate: int, condition: str, where: str, exc: BaseException) -> Ru
     )
 
 
-def failed_run(spec: RunSpec, where: str, type_name: str, message: str, *, traceback: str = "",
-               attempts: int = 1) -> RunResult:
+def failed_run(
+    spec: RunSpec, where: str, type_name: str, message: str, *, traceback: str = "", attempts: int = 1
+) -> RunResult:
     """The RunResult of a run that failed outside the run itself (e.g. its worker).
 
     Example:
@@ -175,7 +176,9 @@ def failed_run(spec: RunSpec, where: str, type_name: str, message: str, *, trace
 def worker_died(spec: RunSpec, attempts: int, detail: str) -> RunResult:
     """The RunResult of a run whose worker process kept dying (a WorkerCrashedError)."""
     return failed_run(
-        spec, "worker", WorkerCrashedError.__name__,
+        spec,
+        "worker",
+        WorkerCrashedError.__name__,
         f"The worker process running this run died on each of {attempts} attempt(s) "
         f"({detail}); the other runs finished. Run it under SerialExecution to see the "
         f"crash, or check memory limits.",
@@ -214,8 +217,12 @@ class SetUpSteps:
             except BaseException as exc:
                 if is_interrupt(exc):
                     raise
-                log.error("Step %r: setup() raised %s: %s; every run that needs it is recorded "
-                          "as failed.", step.name, type(exc).__name__, exc)
+                log.error(
+                    "Step %r: setup() raised %s: %s; every run that needs it is recorded as failed.",
+                    step.name,
+                    type(exc).__name__,
+                    exc,
+                )
                 self.error = (f"{step.name}.setup", exc)
                 return
             self._done.append(step)
@@ -229,8 +236,7 @@ class SetUpSteps:
             except BaseException as exc:  # sys.exit() in a teardown must not escape run()
                 if is_interrupt(exc):
                     raise
-                log.error("Step %r: teardown() raised; the results are unaffected.", step.name,
-                          exc_info=exc)
+                log.error("Step %r: teardown() raised; the results are unaffected.", step.name, exc_info=exc)
 
     def run(self, replicate: int, condition: str) -> RunResult:
         """:func:`execute_run`, or the set-up failure recorded on this run."""
@@ -246,8 +252,7 @@ class SetUpSteps:
 
     def _failed(self, replicate: int, condition: str) -> RunResult:
         where, exc = self.error  # type: ignore[misc]
-        run = RunResult(replicate=replicate, condition=condition,
-                        error=_error(replicate, condition, where, exc))
+        run = RunResult(replicate=replicate, condition=condition, error=_error(replicate, condition, where, exc))
         return run
 
 

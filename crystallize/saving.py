@@ -82,8 +82,9 @@ def save_parts(
     target.parent.mkdir(parents=True, exist_ok=True)
     runs = list(runs)
     notes: list[str] = []
-    lines = "".join(json.dumps(run_to_record(r, notes=notes), ensure_ascii=False, allow_nan=False) + "\n"
-                    for r in runs).encode("utf-8")
+    lines = "".join(
+        json.dumps(run_to_record(r, notes=notes), ensure_ascii=False, allow_nan=False) + "\n" for r in runs
+    ).encode("utf-8")
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -95,8 +96,14 @@ def save_parts(
     }
     if notes:
         more = f" and {len(notes) - 3} more" if len(notes) > 3 else ""
-        log.warning("Saving to %s: %d value(s) are not JSON data and were stored as their repr, which "
-                    "loads back as a string: %s%s.", target, len(notes), "; ".join(notes[:3]), more)
+        log.warning(
+            "Saving to %s: %d value(s) are not JSON data and were stored as their repr, which "
+            "loads back as a string: %s%s.",
+            target,
+            len(notes),
+            "; ".join(notes[:3]),
+            more,
+        )
     tmp = target.parent / f".{target.name}.tmp-{secrets.token_hex(6)}"
     tmp.mkdir()
     try:
@@ -124,17 +131,23 @@ def load_parts(folder: str | os.PathLike[str]) -> dict[str, Any]:
         meta = json.loads((path / _RESULT).read_text(encoding="utf-8"))
         data = (path / meta["runs"]["file"]).read_bytes()
     except FileNotFoundError as exc:
-        raise RecordError(f"No saved result in {str(path)!r}: {exc.filename!r} is missing. Save one "
-                          f"with result.save(folder); a crashed save leaves no folder, never half of one.") from exc
+        raise RecordError(
+            f"No saved result in {str(path)!r}: {exc.filename!r} is missing. Save one "
+            f"with result.save(folder); a crashed save leaves no folder, never half of one."
+        ) from exc
     except (ValueError, KeyError, TypeError) as exc:
         raise RecordError(f"{str(path / _RESULT)!r} is damaged ({type(exc).__name__}: {exc}).") from exc
     if meta.get("format") != FORMAT or not isinstance(meta.get("version"), int) or meta["version"] > FORMAT_VERSION:
-        raise RecordError(f"{str(path / _RESULT)!r} is format {meta.get('format')!r} version "
-                          f"{meta.get('version')!r}; this crystallize reads {FORMAT!r} up to version "
-                          f"{FORMAT_VERSION}. Upgrade crystallize to read it.")
+        raise RecordError(
+            f"{str(path / _RESULT)!r} is format {meta.get('format')!r} version "
+            f"{meta.get('version')!r}; this crystallize reads {FORMAT!r} up to version "
+            f"{FORMAT_VERSION}. Upgrade crystallize to read it."
+        )
     if xxhash.xxh3_128_hexdigest(data) != meta["runs"]["xxh3_128"]:
-        raise RecordError(f"{str(path / meta['runs']['file'])!r} does not match the digest in "
-                          f"{_RESULT}: it was changed or truncated after saving. Save the result again.")
+        raise RecordError(
+            f"{str(path / meta['runs']['file'])!r} does not match the digest in "
+            f"{_RESULT}: it was changed or truncated after saving. Save the result again."
+        )
     try:
         records = [json.loads(line) for line in data.decode("utf-8").splitlines() if line]
     except ValueError as exc:
@@ -154,8 +167,10 @@ def _check_replaceable(target: Path) -> None:
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise FileExistsError(f"{str(target)!r} exists and is not a folder; save the result to a new folder.")
     if target.is_dir() and any(target.iterdir()) and not (target / _RESULT).is_file():
-        raise FileExistsError(f"{str(target)!r} holds files that are not a saved result; nothing was "
-                              f"replaced. Save to a new or empty folder.")
+        raise FileExistsError(
+            f"{str(target)!r} holds files that are not a saved result; nothing was "
+            f"replaced. Save to a new or empty folder."
+        )
 
 
 def _write_table(folder: Path, runs: list[RunResult], params: Mapping[str, Mapping[str, Any]], table: str) -> str:

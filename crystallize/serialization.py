@@ -45,8 +45,9 @@ def runs_in_workers(plugin: Any) -> bool:
     itself) stay in the driver and may hold anything, locks and threads included.
     """
     cls = type(plugin)
-    return (cls.before_replicate is not BasePlugin.before_replicate
-            or cls.after_replicate is not BasePlugin.after_replicate)
+    return (
+        cls.before_replicate is not BasePlugin.before_replicate or cls.after_replicate is not BasePlugin.after_replicate
+    )
 
 
 def deserialize_experiment(blob: bytes) -> Any:
@@ -68,12 +69,11 @@ def _explain(experiment: Any, backend: str, exc: Exception) -> SerializationErro
         attr, value = _culprit(obj)
         where = f"attribute {attr!r} holds a {type(value).__name__}" if attr else f"{type(exc).__name__}: {exc}"
         advice = (
-            "Load it in setup() or mark the step heavy (heavy = True)." if kind == "Step"
+            "Load it in setup() or mark the step heavy (heavy = True)."
+            if kind == "Step"
             else "Create it inside the function that uses it, or keep it out of the experiment."
         )
-        return SerializationError(
-            f"{kind} {name!r} could not be pickled for {backend} execution: {where}. {advice}"
-        )
+        return SerializationError(f"{kind} {name!r} could not be pickled for {backend} execution: {where}. {advice}")
     return SerializationError(
         f"The experiment could not be pickled for {backend} execution "
         f"({type(exc).__name__}: {exc}). Check initial_ctx values."
@@ -144,9 +144,15 @@ def _unpicklable_result(run: RunResult) -> RunResult:
                 part = f"parameter {bad[0]!r} of step {record.name!r}"
                 break
     return RunResult(
-        replicate=run.replicate, condition=run.condition, seed=run.seed, seconds=run.seconds,
-        error=run.error or RunError(
-            replicate=run.replicate, condition=run.condition, step="result",
+        replicate=run.replicate,
+        condition=run.condition,
+        seed=run.seed,
+        seconds=run.seconds,
+        error=run.error
+        or RunError(
+            replicate=run.replicate,
+            condition=run.condition,
+            step="result",
             type="SerializationError",
             message=(
                 f"The run finished in a worker process, but its result could not be "

@@ -195,5 +195,7 @@ def _warn_if_shared(path: Path) -> None:
     if os.stat(path).st_mode & 0o077:
         log.warning(
             "The cache key file %s is readable by other users, who could forge cache "
-            "entries that run code when loaded. Run: chmod 600 %s", path, path,
+            "entries that run code when loaded. Run: chmod 600 %s",
+            path,
+            path,
         )

@@ -151,8 +151,11 @@ class PipelineStep:
         if recipe is None:
             return None
         if isinstance(recipe, _ShippedRecipe):
-            return recipe.digest if recipe.digest is not None else UnhashableValueError(
-                recipe.problem or "?", "its constructor arguments could not be hashed")
+            return (
+                recipe.digest
+                if recipe.digest is not None
+                else UnhashableValueError(recipe.problem or "?", "its constructor arguments could not be hashed")
+            )
         try:
             return hash_value(_bound(type(self), *recipe))
         except UnhashableValueError as exc:
@@ -259,7 +262,9 @@ def _warn_unkeyable(step: PipelineStep, exc: UnhashableValueError) -> None:
         "Step %r is cacheable, but its constructor arguments cannot be hashed (a value of "
         "type %r: %s); it runs without the cache. Pass plain data (a path, a config) to "
         "the constructor and load the object in setup(), or give that type a __getstate__.",
-        step.name, exc.value_type, exc.reason,
+        step.name,
+        exc.value_type,
+        exc.reason,
     )
 
 
@@ -328,9 +333,7 @@ class FunctionStep(PipelineStep):
         return (rebuild, (self._factory, self._explicit))
 
 
-def pipeline_step(
-    fn: Callable[..., Any] | None = None, *, cacheable: bool = False, version: str | None = None
-) -> Any:
+def pipeline_step(fn: Callable[..., Any] | None = None, *, cacheable: bool = False, version: str | None = None) -> Any:
     """Turn a function ``fn(data, ctx, *, params...)`` into a step factory.
 
     Calling the factory with keyword parameters returns a :class:`PipelineStep`.

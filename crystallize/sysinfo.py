@@ -23,7 +23,7 @@ import threading
 import time
 import types
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ def utc_iso(timestamp: float) -> str:
         >>> utc_iso(0)
         '1970-01-01T00:00:00.000Z'
     """
-    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def environment_facts(sources: Iterable[Any]) -> dict[str, Any]:
@@ -77,14 +77,19 @@ def environment_facts(sources: Iterable[Any]) -> dict[str, Any]:
         except Exception:  # noqa: BLE001, S112 -- an odd object only loses its own facts
             continue
     facts: dict[str, Any] = {}
-    for name, get in (("host", socket.gethostname), ("platform", platform.platform),
-                      ("versions", _versions), ("packages", lambda: _user_packages(targets)),
-                      ("git", lambda: _first_git(targets))):
+    for name, get in (
+        ("host", socket.gethostname),
+        ("platform", platform.platform),
+        ("versions", _versions),
+        ("packages", lambda: _user_packages(targets)),
+        ("git", lambda: _first_git(targets)),
+    ):
         try:
             value = get()
         except Exception as exc:  # noqa: BLE001 -- a provenance fact never costs a run
-            log.warning("Could not determine %s for result.provenance (%s: %s); it is left out.",
-                        name, type(exc).__name__, exc)
+            log.warning(
+                "Could not determine %s for result.provenance (%s: %s); it is left out.", name, type(exc).__name__, exc
+            )
             continue
         if value is not None:
             facts[name] = value
@@ -141,8 +146,15 @@ def _ask_git(directory: str) -> dict[str, Any] | None:
 def _git(directory: str, *args: str) -> str | None:
     env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
     try:
-        done = subprocess.run(["git", "-C", directory, *args], check=False, capture_output=True, text=True,
-                              timeout=GIT_TIMEOUT, env=env, stdin=subprocess.DEVNULL)
+        done = subprocess.run(
+            ["git", "-C", directory, *args],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=GIT_TIMEOUT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
     except (OSError, subprocess.SubprocessError):  # git missing, or too slow
         return None
     return done.stdout if done.returncode == 0 else None

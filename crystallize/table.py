@@ -34,8 +34,9 @@ COLUMNS = ("replicate", "condition", "seed", "metric", "index", "value", "error"
 _FILE_FIXED = ("replicate", "condition", "seed", "metric", "index", "value", "value_text", "error")
 
 
-def treatment_params(treatments: Iterable[Any], initial_ctx: Mapping[str, Any],
-                     baseline: str = "baseline") -> dict[str, dict[str, Any]]:
+def treatment_params(
+    treatments: Iterable[Any], initial_ctx: Mapping[str, Any], baseline: str = "baseline"
+) -> dict[str, dict[str, Any]]:
     """Condition -> its value of every key that some mapping treatment sets.
 
     Args:
@@ -89,8 +90,12 @@ def rows(runs: Iterable[RunResult], params: Mapping[str, Mapping[str, Any]]) -> 
     out = []
     for run in runs:
         condition = params.get(run.condition, {})
-        base = {"replicate": run.replicate, "condition": run.condition, "seed": run.seed,
-                "error": None if run.error is None else str(run.error)}
+        base = {
+            "replicate": run.replicate,
+            "condition": run.condition,
+            "seed": run.seed,
+            "error": None if run.error is None else str(run.error),
+        }
         base.update({column: condition.get(key) for column, key in extra})
         if not run.metrics:
             out.append({**base, "metric": None, "index": None, "value": None})
@@ -105,7 +110,9 @@ def file_columns(params: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return [*_FILE_FIXED, *(column for column, _ in columns_of(params))]
 
 
-def _file_rows(runs: Iterable[RunResult], params: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+def _file_rows(
+    runs: Iterable[RunResult], params: Mapping[str, Mapping[str, Any]]
+) -> tuple[list[str], list[dict[str, Any]]]:
     """Rows with one type per column: numbers in ``value``, the rest in ``value_text``."""
     table = rows(runs, params)
     for row in table:
@@ -144,8 +151,10 @@ def write_parquet(path: Path, runs: Iterable[RunResult], params: Mapping[str, Ma
         import pandas  # type: ignore[import-untyped]
         import pyarrow  # type: ignore[import-untyped]  # noqa: F401 -- pandas needs it for Parquet
     except ImportError as exc:
-        raise ImportError("Saving results as Parquet needs pandas and pyarrow: "
-                          "pip install 'crystallize-lab[parquet]' (or save with table='csv').") from exc
+        raise ImportError(
+            "Saving results as Parquet needs pandas and pyarrow: "
+            "pip install 'crystallize-lab[parquet]' (or save with table='csv')."
+        ) from exc
     columns, table = _file_rows(runs, params)
     data = {}
     for column in columns:

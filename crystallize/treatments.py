@@ -76,9 +76,7 @@ class Treatment:
         return f"Treatment({self.name!r}, {what!r})"
 
 
-def treatment(
-    name: str, apply: Mapping[str, Any] | Callable[[FrozenContext], Any] | None = None
-) -> Any:
+def treatment(name: str, apply: Mapping[str, Any] | Callable[[FrozenContext], Any] | None = None) -> Any:
     """Make a :class:`Treatment`; without ``apply`` it decorates a function.
 
     Example:
@@ -95,7 +93,10 @@ def treatment(
 
 
 def unknown_keys(
-    treatments: Iterable[Any], steps: Sequence[Any], datasource: Any, initial_ctx: Collection[str],
+    treatments: Iterable[Any],
+    steps: Sequence[Any],
+    datasource: Any,
+    initial_ctx: Collection[str],
     plugins: Iterable[Any] = (),
 ) -> list[str]:
     """One message per mapping-treatment key that nothing is known to read.
@@ -140,7 +141,8 @@ def unknown_keys(
                     f"{'was' if len(pinned) == 1 else 'were'} given {key!r} explicitly, and an explicit "
                     f"value wins over the context: the treatment's value never reaches "
                     f"{'it' if len(pinned) == 1 else 'them'}. Drop the explicit {key}=... to let "
-                    f"each condition set it.")
+                    f"each condition set it."
+                )
                 continue
             if spelt is None:
                 spelt = _spelt_in_code([*readers, *plugins])
@@ -149,12 +151,16 @@ def unknown_keys(
                     f"Treatment {t.name!r} sets {key!r}, but no step or data-source parameter and no "
                     f"initial_ctx key is named {key!r}{_did_you_mean(key, names)}, and no step, data "
                     f"source or plugin spells {key!r} in its code. Unless one reads it by a computed "
-                    f"name, this treatment changes nothing; check the spelling.")
+                    f"name, this treatment changes nothing; check the spelling."
+                )
     return messages
 
 
 def unread_keys(
-    treatments: Iterable[Any], runs: Iterable[Any], steps: Sequence[Any], datasource: Any,
+    treatments: Iterable[Any],
+    runs: Iterable[Any],
+    steps: Sequence[Any],
+    datasource: Any,
     plugins: Iterable[Any] = (),
 ) -> dict[str, list[str]]:
     """Condition -> the keys of its treatment's mapping that none of its runs used.

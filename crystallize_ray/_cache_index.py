@@ -96,7 +96,7 @@ class CacheIndex:
         event = self.changed.setdefault(name, asyncio.Event())
         try:
             await asyncio.wait_for(event.wait(), timeout=left)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     async def stats(self) -> dict[str, int]:
@@ -113,4 +113,3 @@ def ray_put(blob: bytes) -> Any:
     import ray
 
     return ray.put(blob)
-

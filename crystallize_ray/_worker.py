@@ -46,7 +46,8 @@ def _experiment(ref: Any) -> Any:
         raise SerializationError(
             f"A Ray worker could not load the experiment: unpickling it raised "
             f"{type(exc).__name__}: {exc}. Check the __setstate__ or __reduce__ of the "
-            f"experiment's steps and datasource, or run it under SerialExecution.") from exc
+            f"experiment's steps and datasource, or run it under SerialExecution."
+        ) from exc
     setup = steps_set_up(experiment)
     host = setup.__enter__()  # a failing setup() is recorded on every run by the host
     _LOADED[key] = (host, setup)

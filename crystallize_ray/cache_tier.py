@@ -101,8 +101,9 @@ class ObjectStoreTier:
         ObjectStoreTier(LocalCacheStore('/tmp/c'))
     """
 
-    def __init__(self, durable: Any, *, scope: str, max_bytes: int = DEFAULT_TIER_BYTES,
-                 index_name: str = INDEX_NAME) -> None:
+    def __init__(
+        self, durable: Any, *, scope: str, max_bytes: int = DEFAULT_TIER_BYTES, index_name: str = INDEX_NAME
+    ) -> None:
         self.durable = durable
         self.scope = scope
         self.max_bytes = max_bytes
@@ -111,8 +112,12 @@ class ObjectStoreTier:
         self._off = False
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"durable": self.durable, "scope": self.scope, "max_bytes": self.max_bytes,
-                "index_name": self.index_name}
+        return {
+            "durable": self.durable,
+            "scope": self.scope,
+            "max_bytes": self.max_bytes,
+            "index_name": self.index_name,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -195,8 +200,12 @@ class ObjectStoreTier:
             return ray.get(value[0], timeout=_CALL_TIMEOUT)
         except (ray.exceptions.RayError, TimeoutError) as exc:
             # Lost with its node, or freed with a dead owner: the durable store has it.
-            log.debug("Object-store copy of %s/%s is gone (%s); reading the durable store.",
-                      namespace, key, type(exc).__name__)
+            log.debug(
+                "Object-store copy of %s/%s is gone (%s); reading the durable store.",
+                namespace,
+                key,
+                type(exc).__name__,
+            )
             self._call("forget", self._name(namespace, key), default=None)
             return None
 
@@ -229,9 +238,13 @@ class ObjectStoreTier:
     def _step_aside(self, exc: BaseException) -> None:
         self._off = True
         _actors.clear()  # a later tier in this process looks the index up (or starts it) afresh
-        _warn_once(type(exc).__name__,
-                   "The in-cluster cache tier is unavailable in this process (%s: %s); the runs go "
-                   "on with the other cache tiers (said once per process).", type(exc).__name__, exc)
+        _warn_once(
+            type(exc).__name__,
+            "The in-cluster cache tier is unavailable in this process (%s: %s); the runs go "
+            "on with the other cache tiers (said once per process).",
+            type(exc).__name__,
+            exc,
+        )
 
 
 class _RayLease:
@@ -284,9 +297,10 @@ def _index_actor(name: str, max_bytes: int) -> Any:
     key = (ray.get_runtime_context().gcs_address, name)  # one handle per cluster and index
     handle = _actors.get(key)
     if handle is None:
-        actor = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=1000)(CacheIndex)
-        handle = actor.options(name=name, namespace=INDEX_NAMESPACE, get_if_exists=True,
-                               lifetime="detached").remote(max_bytes)
+        actor = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=1000)(CacheIndex)  # type: ignore[call-overload]
+        handle = actor.options(name=name, namespace=INDEX_NAMESPACE, get_if_exists=True, lifetime="detached").remote(
+            max_bytes
+        )
         _actors[key] = handle
     return handle
 

@@ -125,23 +125,38 @@ class RayExecution(ExecutionBackend):
     ) -> None:
         import_ray()
         owner = "RayExecution"
-        check_option(owner, "address", address, lambda v: v is None or isinstance(v, str),
-                     "None or an address string such as 'auto' or 'ray://host:10001'")
+        check_option(
+            owner,
+            "address",
+            address,
+            lambda v: v is None or isinstance(v, str),
+            "None or an address string such as 'auto' or 'ray://host:10001'",
+        )
         for option, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
             check_option(owner, option, value, _non_negative, "a number >= 0")
-        check_option(owner, "resources", resources,
-                     lambda v: v is None or all(isinstance(k, str) and _non_negative(n) for k, n in v.items()),
-                     "None or a mapping of resource names to numbers >= 0")
-        check_option(owner, "max_retries", max_retries, lambda v: is_int(v, -1),
-                     "an integer >= 0 (or -1 for unlimited)")
-        check_option(owner, "max_in_flight", max_in_flight, lambda v: v is None or is_int(v, 1),
-                     "None or an integer >= 1")
-        check_option(owner, "batch_size", batch_size, lambda v: v is None or is_int(v, 1),
-                     "None or an integer >= 1")
+        check_option(
+            owner,
+            "resources",
+            resources,
+            lambda v: v is None or all(isinstance(k, str) and _non_negative(n) for k, n in v.items()),
+            "None or a mapping of resource names to numbers >= 0",
+        )
+        check_option(
+            owner, "max_retries", max_retries, lambda v: is_int(v, -1), "an integer >= 0 (or -1 for unlimited)"
+        )
+        check_option(
+            owner, "max_in_flight", max_in_flight, lambda v: v is None or is_int(v, 1), "None or an integer >= 1"
+        )
+        check_option(owner, "batch_size", batch_size, lambda v: v is None or is_int(v, 1), "None or an integer >= 1")
         check_option(owner, "retry_errors", retry_errors, lambda v: is_int(v, 0), "an integer >= 0")
         check_option(owner, "progress", progress, lambda v: isinstance(v, bool), "True or False")
-        check_option(owner, "object_store_cache", object_store_cache,
-                     lambda v: isinstance(v, bool) or is_int(v, 1), "True, False or a number of bytes >= 1")
+        check_option(
+            owner,
+            "object_store_cache",
+            object_store_cache,
+            lambda v: isinstance(v, bool) or is_int(v, 1),
+            "True, False or a number of bytes >= 1",
+        )
         self.address = address
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
@@ -193,7 +208,9 @@ class RayExecution(ExecutionBackend):
     def _stream(self, ray: Any, job: Any, plan: Sequence[RunSpec], blob: bytes) -> Iterator[RunResult]:
         holder = [ray.put(blob)]
         options: dict[str, Any] = {
-            "num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_retries": self.max_retries,
+            "num_cpus": self.num_cpus,
+            "num_gpus": self.num_gpus,
+            "max_retries": self.max_retries,
         }
         if self.resources:
             options["resources"] = self.resources
@@ -250,8 +267,9 @@ class RayExecution(ExecutionBackend):
         finally:
             _cancel(ray, running)  # on any other way out, too
 
-    def _results(self, ray: Any, ref: Any, batch: list[RunSpec], singles: deque[RunSpec],
-                 sizer: _BatchSizer) -> list[RunResult]:
+    def _results(
+        self, ray: Any, ref: Any, batch: list[RunSpec], singles: deque[RunSpec], sizer: _BatchSizer
+    ) -> list[RunResult]:
         """What a finished task brought back: its runs, failure records, or nothing (retried)."""
         try:
             results = unpack_results(ray.get(ref))
@@ -259,8 +277,7 @@ class RayExecution(ExecutionBackend):
             # The task body itself raised: e.g. the experiment could not be loaded on
             # that node. Retrying would fail the same way.
             cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-            return [failed_run(spec, "worker", type(cause).__name__, str(cause), traceback=str(exc))
-                    for spec in batch]
+            return [failed_run(spec, "worker", type(cause).__name__, str(cause), traceback=str(exc)) for spec in batch]
         except ray.exceptions.RayError as exc:
             if len(batch) > 1:
                 singles.extend(batch)

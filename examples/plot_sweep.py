@@ -4,7 +4,6 @@ Run it from anywhere: ``python examples/plot_sweep.py [out.png]`` (needs
 ``pip install 'crystallize-lab[plot]'``). It writes ``docs/lr-sweep.png`` by default.
 """
 
-import random
 import sys
 from pathlib import Path
 

@@ -3,8 +3,7 @@
 Run: python examples/spec_page.py  ->  {'sum': [9.0, 9.0, 9.0]}
 """
 
-from crystallize import pipeline_step
-from crystallize import FrozenContext
+from crystallize import FrozenContext, pipeline_step
 
 
 @pipeline_step(cacheable=True)
@@ -30,16 +29,19 @@ def compute_sum(data):
 
 
 from functools import partial
-from crystallize import ParallelExecution, Experiment, Pipeline, FrozenContext
+
+from crystallize import Experiment, FrozenContext, ParallelExecution, Pipeline
 
 # Step definitions from above
 exp = Experiment(
     datasource=lambda ctx: [1, 2, 3],
-    pipeline=Pipeline([
-        partial(scale_data, factor=1.5),
-        normalize(),
-        compute_sum(),
-    ]),
+    pipeline=Pipeline(
+        [
+            partial(scale_data, factor=1.5),
+            normalize(),
+            compute_sum(),
+        ]
+    ),
     plugins=[ParallelExecution()],
 )
 exp.validate()  # optional

@@ -82,10 +82,7 @@ def _imports(path: Path) -> set[str]:
 def _graph(package: str) -> dict[str, set[str]]:
     """Every module of ``package``, subpackages included, and the modules of it each imports."""
     modules = {_module_name(p): p for p in (ROOT / package).rglob("*.py")}
-    return {
-        name: {dep for dep in _imports(path) if dep in modules and dep != name}
-        for name, path in modules.items()
-    }
+    return {name: {dep for dep in _imports(path) if dep in modules and dep != name} for name, path in modules.items()}
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -98,7 +95,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for dep in sorted(graph[node]):
             if state.get(dep) == 1:
-                return stack[stack.index(dep):] + [dep]
+                return stack[stack.index(dep) :] + [dep]
             if dep not in state:
                 found = visit(dep)
                 if found:
@@ -144,8 +141,7 @@ def test_crystallize_ray_imports_only_the_public_core_and_the_kit():
     allowed = {"crystallize", "crystallize.backend"}
     offenders = {}
     for path in (ROOT / "crystallize_ray").rglob("*.py"):
-        core = {m for m in _imports(path)
-                if m.split(".")[0] == "crystallize"} - allowed
+        core = {m for m in _imports(path) if m.split(".")[0] == "crystallize"} - allowed
         if core:
             offenders[path.name] = sorted(core)
     assert offenders == {}

@@ -66,8 +66,14 @@ BACKENDS = {
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_artifacts_land_under_versioned_tree(tmp_path, backend):
     plugin = ArtifactPlugin(root_dir=tmp_path / "arts")
-    exp = Experiment(lambda ctx: [1], Pipeline([write_report()]), plugins=[plugin, BACKENDS[backend]()],
-                     treatments=[Treatment("treat", {"k": 1})], replicates=2, name="artsy")
+    exp = Experiment(
+        lambda ctx: [1],
+        Pipeline([write_report()]),
+        plugins=[plugin, BACKENDS[backend]()],
+        treatments=[Treatment("treat", {"k": 1})],
+        replicates=2,
+        name="artsy",
+    )
     result = exp.run()
     assert result.errors == []
     v0 = tmp_path / "arts" / "artsy" / "v0"
@@ -81,16 +87,20 @@ def test_artifacts_land_under_versioned_tree(tmp_path, backend):
     files = sorted(p.relative_to(v0).as_posix() for p in v0.rglob("*") if p.is_file())
     assert len(files) == 8
     if backend == "process":
-        pids = {(v0 / c / f"replicate_{r}" / "sub" / "x.txt").read_text().rsplit(":", 1)[1]
-                for c in ("baseline", "treat") for r in range(2)}
+        pids = {
+            (v0 / c / f"replicate_{r}" / "sub" / "x.txt").read_text().rsplit(":", 1)[1]
+            for c in ("baseline", "treat")
+            for r in range(2)
+        }
         assert str(os.getpid()) not in pids  # written in workers, saved by the driver
     assert result.artifacts[0][2] == ArtifactRecord("sub/x.txt", result.run(0).artifacts[0].data)
     assert len(result.artifacts) == 8
 
 
 def test_second_run_goes_to_v1(tmp_path):
-    exp = Experiment(lambda ctx: [1], Pipeline([write_report()]),
-                     plugins=[ArtifactPlugin(root_dir=tmp_path / "arts")], name="again")
+    exp = Experiment(
+        lambda ctx: [1], Pipeline([write_report()]), plugins=[ArtifactPlugin(root_dir=tmp_path / "arts")], name="again"
+    )
     exp.run()
     exp.run()
     base = tmp_path / "arts" / "again"
@@ -105,16 +115,21 @@ def test_default_root_is_artifacts_in_cwd(tmp_path):
 
 
 def test_unversioned_plugin_writes_in_place(tmp_path):
-    exp = Experiment(lambda ctx: [1], Pipeline([write_report()]),
-                     plugins=[ArtifactPlugin(root_dir=tmp_path / "arts", versioned=False)], name="flat")
+    exp = Experiment(
+        lambda ctx: [1],
+        Pipeline([write_report()]),
+        plugins=[ArtifactPlugin(root_dir=tmp_path / "arts", versioned=False)],
+        name="flat",
+    )
     exp.run()
     exp.run()
     base = tmp_path / "arts" / "flat"
     assert sorted(p.name for p in base.iterdir()) == ["baseline"]
 
 
-@pytest.mark.parametrize("name", ["../escape.txt", "sub/../../escape.txt", "/etc/passwd", "/tmp/x.txt",
-                                  "..\\escape.txt", "C:/evil.txt"])
+@pytest.mark.parametrize(
+    "name", ["../escape.txt", "sub/../../escape.txt", "/etc/passwd", "/tmp/x.txt", "..\\escape.txt", "C:/evil.txt"]
+)
 def test_unsafe_artifact_names_refused(name):
     with pytest.raises(ArtifactError, match=r"would escape the artifact root.*relative path without '\.\.'"):
         Artifact(name)
@@ -148,8 +163,9 @@ def test_unsafe_name_inside_a_step_is_a_run_error(tmp_path):
         Artifact("../escape.txt").write("x")
         return data
 
-    result = Experiment(lambda ctx: [1], Pipeline([escape()]),
-                        plugins=[ArtifactPlugin(root_dir=tmp_path / "arts")], name="esc").run()
+    result = Experiment(
+        lambda ctx: [1], Pipeline([escape()]), plugins=[ArtifactPlugin(root_dir=tmp_path / "arts")], name="esc"
+    ).run()
     assert [(e.step, e.type) for e in result.errors] == [("escape", "ArtifactError")]
     assert not (tmp_path / "arts" / "escape.txt").exists()
     assert not (tmp_path / "escape.txt").exists()
@@ -169,8 +185,13 @@ def test_write_of_unsupported_type_is_a_run_error():
 def test_cached_step_artifact_replayed_on_hit(tmp_path):
     calls = tmp_path / "calls.txt"
     plugin = ArtifactPlugin(root_dir=tmp_path / "arts")
-    exp = Experiment(lambda ctx: [1, 2], Pipeline([expensive_plot(calls_file=str(calls))]),
-                     plugins=[plugin], name="cached", cache=LocalCacheStore(tmp_path / "cache"))
+    exp = Experiment(
+        lambda ctx: [1, 2],
+        Pipeline([expensive_plot(calls_file=str(calls))]),
+        plugins=[plugin],
+        name="cached",
+        cache=LocalCacheStore(tmp_path / "cache"),
+    )
     first = exp.run()
     assert calls.read_text().count("called") == 1
     second = exp.run()
@@ -185,10 +206,13 @@ def test_cached_step_artifact_replayed_on_hit(tmp_path):
 
 def test_cached_step_artifact_replayed_under_process_backend(tmp_path):
     calls = tmp_path / "calls.txt"
-    exp = Experiment(lambda ctx: [3], Pipeline([expensive_plot(calls_file=str(calls))]),
-                     plugins=[ArtifactPlugin(root_dir=tmp_path / "arts"),
-                              ParallelExecution(max_workers=2, executor_type="process")],
-                     name="pcached", cache=LocalCacheStore(tmp_path / "cache"))
+    exp = Experiment(
+        lambda ctx: [3],
+        Pipeline([expensive_plot(calls_file=str(calls))]),
+        plugins=[ArtifactPlugin(root_dir=tmp_path / "arts"), ParallelExecution(max_workers=2, executor_type="process")],
+        name="pcached",
+        cache=LocalCacheStore(tmp_path / "cache"),
+    )
     exp.run()
     exp.run()
     assert calls.read_text().count("called") == 1
@@ -197,8 +221,13 @@ def test_cached_step_artifact_replayed_under_process_backend(tmp_path):
 
 
 def test_concurrent_async_runs_keep_their_own_artifacts(tmp_path):
-    exp = Experiment(lambda ctx: [1], Pipeline([async_write()]), replicates=5, name="concurrent",
-                     plugins=[AsyncExecution(), ArtifactPlugin(root_dir=tmp_path / "arts")])
+    exp = Experiment(
+        lambda ctx: [1],
+        Pipeline([async_write()]),
+        replicates=5,
+        name="concurrent",
+        plugins=[AsyncExecution(), ArtifactPlugin(root_dir=tmp_path / "arts")],
+    )
     result = exp.run()
     assert result.errors == []
     for r in range(5):
@@ -228,7 +257,16 @@ def _files(folder):
 
 def test_path_part_is_readable_and_keeps_any_script():
     assert [path_part(n) for n in ["lr=0.1", "lr/0.1", "lr 0.1", "温度", "湿度", "50%", "a~b", ".", ".."]] == [
-        "lr%3D0.1", "lr%2F0.1", "lr%200.1", "温度", "湿度", "50%25", "a%7Eb", "%2E", "%2E%2E"]
+        "lr%3D0.1",
+        "lr%2F0.1",
+        "lr%200.1",
+        "温度",
+        "湿度",
+        "50%25",
+        "a%7Eb",
+        "%2E",
+        "%2E%2E",
+    ]
     assert path_part("run-1_final.v2") == "run-1_final.v2"
     assert path_part("a\0b") == "a%00b"
 
@@ -249,12 +287,15 @@ def test_colliding_condition_names_land_in_distinct_readable_folders(tmp_path):
     assert result.errors == []
     base = tmp_path / "arts" / "exp%2Fβ%201"
     assert sorted(p.name for p in base.iterdir()) == sorted(
-        ["baseline", "lr%3D0.1", "lr%2F0.1", "lr%200.1", "温度", "湿度"])
+        ["baseline", "lr%3D0.1", "lr%2F0.1", "lr%200.1", "温度", "湿度"]
+    )
     for name in names:
         assert (base / path_part(name) / "replicate_0" / "plots" / "loss.csv").read_text() == "loss"
     assert _files(tmp_path / "arts") == sorted(
-        f"exp%2Fβ%201/{c}/replicate_0/{f}" for c in ["baseline", *map(path_part, names)]
-        for f in ["sub/x.txt", "raw.bin", "plots/loss.csv"])
+        f"exp%2Fβ%201/{c}/replicate_0/{f}"
+        for c in ["baseline", *map(path_part, names)]
+        for f in ["sub/x.txt", "raw.bin", "plots/loss.csv"]
+    )
 
 
 def test_dot_condition_names_stay_inside_their_own_folders(tmp_path):
@@ -290,8 +331,13 @@ def test_over_long_names_keep_a_readable_prefix_a_hash_and_the_extension(tmp_pat
         return data
 
     plugin = ArtifactPlugin(root_dir=tmp_path / "arts", versioned=False)
-    result = Experiment(lambda ctx: [1], Pipeline([long_file()]), plugins=[plugin], name="long",
-                        treatments=[Treatment(long_a, {}), Treatment(long_b, {})]).run()
+    result = Experiment(
+        lambda ctx: [1],
+        Pipeline([long_file()]),
+        plugins=[plugin],
+        name="long",
+        treatments=[Treatment(long_a, {}), Treatment(long_b, {})],
+    ).run()
     assert result.errors == [] and all(r.artifact_errors == [] for r in result.runs)
     for condition in (long_a, long_b):
         target = plugin.path_for(0, condition, "plots/" + "loss" * 80 + ".csv")

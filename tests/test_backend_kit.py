@@ -37,9 +37,9 @@ class EveryOther(ExecutionBackend):
         self.chunk = chunk
 
     def execute(self, experiment, plan):
-        with steps_set_up(experiment) as host:       # setup() once, teardown() at the end
+        with steps_set_up(experiment) as host:  # setup() once, teardown() at the end
             for spec in sorted(plan, key=lambda s: s.replicate % 2):
-                yield host.run(spec.replicate, spec.condition)   # never raises but for Ctrl-C
+                yield host.run(spec.replicate, spec.condition)  # never raises but for Ctrl-C
 
 
 @pipeline_step()
@@ -48,8 +48,13 @@ def record(data, ctx, *, factor=1):
 
 
 def _exp(backend, **kwargs):
-    return Experiment(lambda ctx: 0, Pipeline([record()]), plugins=[backend],
-                      treatments=[Treatment("double", {"factor": 2})], **kwargs)
+    return Experiment(
+        lambda ctx: 0,
+        Pipeline([record()]),
+        plugins=[backend],
+        treatments=[Treatment("double", {"factor": 2})],
+        **kwargs,
+    )
 
 
 def test_a_backend_written_against_the_kit_gives_serial_results():
@@ -92,17 +97,20 @@ def test_a_backend_that_returns_a_run_twice_fails_loudly():
     assert len(info.value.partial_result.runs) == 4
 
 
-@pytest.mark.parametrize("make, option", [
-    (lambda: ParallelExecution(batch_size=-1), "batch_size"),
-    (lambda: ParallelExecution(batch_size=0, executor_type="process"), "batch_size"),
-    (lambda: ParallelExecution(max_workers=0), "max_workers"),
-    (lambda: ParallelExecution(max_retries=-1), "max_retries"),
-    (lambda: ParallelExecution(executor_type="fiber"), "executor_type"),
-    (lambda: ParallelExecution(start_method="teleport"), "start_method"),
-    (lambda: ParallelExecution(threads_per_worker=0), "threads_per_worker"),
-    (lambda: ParallelExecution(max_workers=2.5), "max_workers"),
-    (lambda: AsyncExecution(max_concurrency=0), "max_concurrency"),
-])
+@pytest.mark.parametrize(
+    "make, option",
+    [
+        (lambda: ParallelExecution(batch_size=-1), "batch_size"),
+        (lambda: ParallelExecution(batch_size=0, executor_type="process"), "batch_size"),
+        (lambda: ParallelExecution(max_workers=0), "max_workers"),
+        (lambda: ParallelExecution(max_retries=-1), "max_retries"),
+        (lambda: ParallelExecution(executor_type="fiber"), "executor_type"),
+        (lambda: ParallelExecution(start_method="teleport"), "start_method"),
+        (lambda: ParallelExecution(threads_per_worker=0), "threads_per_worker"),
+        (lambda: ParallelExecution(max_workers=2.5), "max_workers"),
+        (lambda: AsyncExecution(max_concurrency=0), "max_concurrency"),
+    ],
+)
 def test_backends_check_their_options_when_built(make, option):
     with pytest.raises(ConfigurationError, match=rf"\({option}=") as info:
         make()
@@ -128,8 +136,9 @@ def counted(data, *, calls_file):
 def test_an_experiment_cache_given_as_a_path_is_used(tmp_path):
     calls = tmp_path / "calls.txt"
     for _ in range(2):
-        result = Experiment(lambda ctx: 1, Pipeline([counted(calls_file=str(calls))]),
-                            cache=str(tmp_path / "c")).run(replicates=2)
+        result = Experiment(lambda ctx: 1, Pipeline([counted(calls_file=str(calls))]), cache=str(tmp_path / "c")).run(
+            replicates=2
+        )
         assert result.metrics.baseline.metrics == {"y": [1, 1]}
     assert calls.read_text().count("call") == 1
     assert any((tmp_path / "c").iterdir())
@@ -145,7 +154,8 @@ def test_a_data_source_with_kwargs_is_not_asked_for_a_parameter_named_kwargs():
     assert result.errors == []
     assert result.metrics.baseline.metrics == {"data": [[2, []]]}
     assert Experiment(source(n=3, colour="red"), Pipeline([_echo()])).run().metrics.baseline.metrics == {
-        "data": [[3, ["colour"]]]}
+        "data": [[3, ["colour"]]]
+    }
 
 
 @pipeline_step()
@@ -184,7 +194,7 @@ def needs_missing(data, *, absent):
 @pipeline_step()
 def outer(data, ctx):
     ctx.metrics.add("before", 1)
-    Pipeline([record()]).run(data, ctx)      # a sub-pipeline adds provenance records
+    Pipeline([record()]).run(data, ctx)  # a sub-pipeline adds provenance records
     return Pipeline([needs_missing()]).run(data)
 
 
@@ -213,8 +223,7 @@ def test_a_failing_teardown_is_logged_not_swallowed_and_results_stand(caplog):
     with caplog.at_level(logging.ERROR, logger="crystallize"):
         result = Experiment(lambda ctx: 1, Pipeline([LoudTeardown()])).run(replicates=2)
     assert result.metrics.baseline.metrics == {"ok": [1, 1]}
-    assert any("LoudTeardown" in r.getMessage() and "teardown() raised" in r.getMessage()
-               for r in caplog.records)
+    assert any("LoudTeardown" in r.getMessage() and "teardown() raised" in r.getMessage() for r in caplog.records)
 
 
 def test_thread_pool_with_seed_plugin_imports_numpy_once_in_the_driver(tmp_path):
@@ -222,7 +231,8 @@ def test_thread_pool_with_seed_plugin_imports_numpy_once_in_the_driver(tmp_path)
     # importing it at once used to fail 48 of 50 runs.
     pytest.importorskip("numpy")
     script = tmp_path / "seeded_threads.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import sys
         from crystallize import Experiment, ParallelExecution, Pipeline, SeedPlugin, pipeline_step
 
@@ -235,7 +245,8 @@ def test_thread_pool_with_seed_plugin_imports_numpy_once_in_the_driver(tmp_path)
                          plugins=[SeedPlugin(seed=3), ParallelExecution(max_workers=8)])
         result = exp.run(replicates=50)
         print(len(result.errors), len(set(result.metrics.baseline.metrics["x"])))
-    """))
+    """)
+    )
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["0", "50"]

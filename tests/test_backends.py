@@ -206,22 +206,30 @@ def draw(data, ctx, *, offset: int = 0):
 
 @pytest.mark.parametrize(
     "backend",
-    [lambda: ParallelExecution(max_workers=2, executor_type="thread"),
-     lambda: ParallelExecution(max_workers=2, executor_type="process", batch_size=3), lambda: AsyncExecution()],
+    [
+        lambda: ParallelExecution(max_workers=2, executor_type="thread"),
+        lambda: ParallelExecution(max_workers=2, executor_type="process", batch_size=3),
+        lambda: AsyncExecution(),
+    ],
     ids=["thread", "process", "async"],
 )
 def test_execute_yields_each_planned_run_once_with_the_serial_metrics(backend):
     # The contract every backend keeps, asked of execute() itself (run() would hide a
     # lost or doubled run behind its own BackendError): each spec of a shuffled plan
     # comes back exactly once, with what SerialExecution computes for that run.
-    exp = Experiment(lambda ctx: None, Pipeline([draw()]), plugins=[SeedPlugin(seed=11)],
-                     treatments=[Treatment("t", {"offset": 100})])
+    exp = Experiment(
+        lambda ctx: None,
+        Pipeline([draw()]),
+        plugins=[SeedPlugin(seed=11)],
+        treatments=[Treatment("t", {"offset": 100})],
+    )
     plan = [RunSpec(r, c) for r in (4, 0, 6, 3, 1, 5, 2) for c in ("t", "baseline")]
     for plugin in exp.plugins:  # prepared as run() prepares it
         plugin.before_run(exp)
     runs = list(backend().execute(exp, plan))
     assert Counter((run.replicate, run.condition) for run in runs) == Counter(
-        (spec.replicate, spec.condition) for spec in plan)
+        (spec.replicate, spec.condition) for spec in plan
+    )
     assert [run.error for run in runs] == [None] * len(plan)
     serial = {(run.replicate, run.condition): run.metrics for run in SerialExecution().execute(exp, plan)}
     assert {(run.replicate, run.condition): run.metrics for run in runs} == serial
@@ -233,13 +241,22 @@ def test_execute_yields_each_planned_run_once_with_the_serial_metrics(backend):
 
 @pytest.mark.parametrize(
     "backend",
-    [lambda: SerialExecution(), lambda: ParallelExecution(max_workers=2, executor_type="thread"),
-     lambda: ParallelExecution(max_workers=2, executor_type="process"), lambda: AsyncExecution()],
+    [
+        lambda: SerialExecution(),
+        lambda: ParallelExecution(max_workers=2, executor_type="thread"),
+        lambda: ParallelExecution(max_workers=2, executor_type="process"),
+        lambda: AsyncExecution(),
+    ],
     ids=["serial", "thread", "process", "async"],
 )
 def test_every_backend_returns_the_full_grid_in_replicate_order(backend):
-    exp = Experiment(lambda ctx: None, Pipeline([record_replicate()]), plugins=[backend()],
-                     treatments=[Treatment("t", {"offset": 100})], replicates=12)
+    exp = Experiment(
+        lambda ctx: None,
+        Pipeline([record_replicate()]),
+        plugins=[backend()],
+        treatments=[Treatment("t", {"offset": 100})],
+        replicates=12,
+    )
     result = exp.run()
     assert result.errors == []
     assert len(result.runs) == 24
@@ -248,16 +265,24 @@ def test_every_backend_returns_the_full_grid_in_replicate_order(backend):
 
 
 def test_process_backend_really_uses_other_processes():
-    exp = Experiment(lambda ctx: None, Pipeline([record_replicate()]),
-                     plugins=[ParallelExecution(max_workers=2, executor_type="process")], replicates=8)
+    exp = Experiment(
+        lambda ctx: None,
+        Pipeline([record_replicate()]),
+        plugins=[ParallelExecution(max_workers=2, executor_type="process")],
+        replicates=8,
+    )
     pids = set(exp.run().metrics.baseline.metrics["pid"])
     assert os.getpid() not in pids
     assert 1 <= len(pids) <= 2
 
 
 def test_async_step_under_process_backend():
-    exp = Experiment(lambda ctx: None, Pipeline([slow_io(delay=0.0)]),
-                     plugins=[ParallelExecution(max_workers=2, executor_type="process")], replicates=4)
+    exp = Experiment(
+        lambda ctx: None,
+        Pipeline([slow_io(delay=0.0)]),
+        plugins=[ParallelExecution(max_workers=2, executor_type="process")],
+        replicates=4,
+    )
     assert exp.run().metrics.baseline.metrics == {"done": [0, 1, 2, 3]}
 
 
@@ -266,8 +291,13 @@ def test_async_step_under_process_backend():
 
 @pytest.mark.parametrize("executor_type", ["thread", "process"])
 def test_progress_line_on_stderr(capsys, executor_type):
-    exp = Experiment(lambda ctx: None, Pipeline([fail_on(bad=1)]), name="prog", replicates=4,
-                     plugins=[ParallelExecution(max_workers=2, executor_type=executor_type, progress=True)])
+    exp = Experiment(
+        lambda ctx: None,
+        Pipeline([fail_on(bad=1)]),
+        name="prog",
+        replicates=4,
+        plugins=[ParallelExecution(max_workers=2, executor_type=executor_type, progress=True)],
+    )
     exp.run()
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -277,14 +307,14 @@ def test_progress_line_on_stderr(capsys, executor_type):
 
 
 def test_no_progress_line_by_default(capsys):
-    Experiment(lambda ctx: None, Pipeline([fail_on()]), replicates=3,
-               plugins=[ParallelExecution(max_workers=2)]).run()
+    Experiment(lambda ctx: None, Pipeline([fail_on()]), replicates=3, plugins=[ParallelExecution(max_workers=2)]).run()
     assert capsys.readouterr().err == ""
 
 
 def test_serial_progress_line(capsys):
-    Experiment(lambda ctx: None, Pipeline([fail_on()]), replicates=3, name="s",
-               plugins=[SerialExecution(progress=True)]).run()
+    Experiment(
+        lambda ctx: None, Pipeline([fail_on()]), replicates=3, name="s", plugins=[SerialExecution(progress=True)]
+    ).run()
     assert "crystallize s: [" in capsys.readouterr().err
 
 
@@ -336,8 +366,9 @@ def test_async_steps_overlap():
 @pytest.mark.parametrize("limit", [1, 3])
 def test_async_max_concurrency_bounds_overlap(limit):
     InFlight.reset()
-    exp = Experiment(lambda ctx: None, Pipeline([counted_io()]),
-                     plugins=[AsyncExecution(max_concurrency=limit)], replicates=10)
+    exp = Experiment(
+        lambda ctx: None, Pipeline([counted_io()]), plugins=[AsyncExecution(max_concurrency=limit)], replicates=10
+    )
     assert exp.run().metrics.baseline.metrics == {"done": list(range(10))}
     assert InFlight.peak == limit
 
@@ -347,9 +378,13 @@ def test_async_max_concurrency_bounds_overlap(limit):
 
 def test_process_backend_ships_the_experiment_once_per_worker(tmp_path):
     witness = tmp_path / "unpickled.txt"
-    exp = Experiment(lambda ctx: None, Pipeline([WitnessStep(str(witness))]),
-                     plugins=[ParallelExecution(max_workers=2, executor_type="process")],
-                     treatments=[Treatment("t", {"k": 1})], replicates=10)
+    exp = Experiment(
+        lambda ctx: None,
+        Pipeline([WitnessStep(str(witness))]),
+        plugins=[ParallelExecution(max_workers=2, executor_type="process")],
+        treatments=[Treatment("t", {"k": 1})],
+        replicates=10,
+    )
     result = exp.run()
     assert result.errors == [] and len(result.runs) == 20
     unpickled_in = witness.read_text().split()
@@ -362,8 +397,12 @@ def test_process_backend_ships_the_experiment_once_per_worker(tmp_path):
 
 def test_process_workers_set_up_and_tear_down_steps_once_each(tmp_path):
     log = tmp_path / "life.txt"
-    Experiment(lambda ctx: None, Pipeline([Lifecycle(str(log))]), replicates=12,
-               plugins=[ParallelExecution(max_workers=2, executor_type="process")]).run()
+    Experiment(
+        lambda ctx: None,
+        Pipeline([Lifecycle(str(log))]),
+        replicates=12,
+        plugins=[ParallelExecution(max_workers=2, executor_type="process")],
+    ).run()
     events = [line.split() for line in log.read_text().splitlines()]
     by_pid = {}
     for what, pid in events:
@@ -378,8 +417,12 @@ def test_process_workers_set_up_and_tear_down_steps_once_each(tmp_path):
 
 @pytest.mark.parametrize(
     "backend",
-    [lambda: SerialExecution(), lambda: ParallelExecution(max_workers=2, executor_type="thread"),
-     lambda: ParallelExecution(max_workers=2, executor_type="process"), lambda: AsyncExecution()],
+    [
+        lambda: SerialExecution(),
+        lambda: ParallelExecution(max_workers=2, executor_type="thread"),
+        lambda: ParallelExecution(max_workers=2, executor_type="process"),
+        lambda: AsyncExecution(),
+    ],
     ids=["serial", "thread", "process", "async"],
 )
 def test_failing_setup_is_recorded_on_every_run_on_every_backend(tmp_path, backend):
@@ -399,8 +442,12 @@ def test_failing_setup_is_recorded_on_every_run_on_every_backend(tmp_path, backe
 def test_unpicklable_experiment_fails_before_any_run(tmp_path):
     marker = tmp_path / "ran.txt"
     spy = RunSpy()
-    exp = Experiment(_touching_source(str(marker)), Pipeline([LockedStep(str(marker))]),
-                     plugins=[spy, ParallelExecution(max_workers=2, executor_type="process")], replicates=3)
+    exp = Experiment(
+        _touching_source(str(marker)),
+        Pipeline([LockedStep(str(marker))]),
+        plugins=[spy, ParallelExecution(max_workers=2, executor_type="process")],
+        replicates=3,
+    )
     with pytest.raises(
         SerializationError,
         match=r"Step 'LockedStep' could not be pickled for process execution: attribute 'guard' holds a lock",
@@ -412,8 +459,12 @@ def test_unpicklable_experiment_fails_before_any_run(tmp_path):
 
 def test_same_unpicklable_experiment_runs_in_threads(tmp_path):
     marker = tmp_path / "ran.txt"
-    exp = Experiment(_touching_source(str(marker)), Pipeline([LockedStep(str(marker))]),
-                     plugins=[ParallelExecution(max_workers=2, executor_type="thread")], replicates=3)
+    exp = Experiment(
+        _touching_source(str(marker)),
+        Pipeline([LockedStep(str(marker))]),
+        plugins=[ParallelExecution(max_workers=2, executor_type="thread")],
+        replicates=3,
+    )
     assert exp.run().errors == []
     assert marker.read_text().count("ran") == 3
 
@@ -422,8 +473,12 @@ def test_same_unpicklable_experiment_runs_in_threads(tmp_path):
 
 
 def test_failing_replicate_under_process_backend_is_recorded(tmp_path):
-    exp = Experiment(lambda ctx: None, Pipeline([fail_on(bad=2), record_replicate()]),
-                     plugins=[ParallelExecution(max_workers=2, executor_type="process")], replicates=5)
+    exp = Experiment(
+        lambda ctx: None,
+        Pipeline([fail_on(bad=2), record_replicate()]),
+        plugins=[ParallelExecution(max_workers=2, executor_type="process")],
+        replicates=5,
+    )
     result = exp.run()
     assert result.metrics.baseline.metrics["value"] == [0, 1, 3, 4]
     (err,) = result.errors
@@ -434,23 +489,31 @@ def test_failing_replicate_under_process_backend_is_recorded(tmp_path):
 
 def test_worker_killed_once_is_retried_and_every_run_kept_once(tmp_path):
     marker = tmp_path / "crashed-once"
-    exp = Experiment(lambda ctx: None, Pipeline([crash_once(marker=str(marker)), record_replicate()]),
-                     plugins=[ParallelExecution(max_workers=2, executor_type="process")],
-                     treatments=[Treatment("t", {"offset": 100})], replicates=6)
+    exp = Experiment(
+        lambda ctx: None,
+        Pipeline([crash_once(marker=str(marker)), record_replicate()]),
+        plugins=[ParallelExecution(max_workers=2, executor_type="process")],
+        treatments=[Treatment("t", {"offset": 100})],
+        replicates=6,
+    )
     result = exp.run()
     assert marker.exists()  # a worker really died
     assert result.errors == []
     assert sorted((r.replicate, r.condition) for r in result.runs) == sorted(
-        (r, c) for r in range(6) for c in ("baseline", "t"))
+        (r, c) for r in range(6) for c in ("baseline", "t")
+    )
     assert result.metrics.baseline.metrics["value"] == list(range(6))
     assert result.metrics.treatments["t"].metrics["value"] == [100 + r for r in range(6)]
     assert max(r.attempts for r in result.runs) >= 2
 
 
 def test_worker_that_always_dies_is_recorded_and_the_others_finish():
-    exp = Experiment(lambda ctx: None, Pipeline([crash_on(doomed=3), record_replicate()]),
-                     plugins=[ParallelExecution(max_workers=2, executor_type="process", max_retries=1)],
-                     replicates=6)
+    exp = Experiment(
+        lambda ctx: None,
+        Pipeline([crash_on(doomed=3), record_replicate()]),
+        plugins=[ParallelExecution(max_workers=2, executor_type="process", max_retries=1)],
+        replicates=6,
+    )
     result = exp.run()
     assert len(result.runs) == 6
     (err,) = result.errors
@@ -463,10 +526,12 @@ def test_worker_that_always_dies_is_recorded_and_the_others_finish():
 def test_a_killer_run_inside_large_batches_is_found_and_the_rest_complete():
     # 400 runs in batches of 50: the pool breaks with up to 4 batches in flight; the
     # isolation phase halves the guilty batch until only the killer is left.
-    exp = Experiment(lambda ctx: None, Pipeline([crash_on(doomed=137), record_replicate()]),
-                     plugins=[ParallelExecution(max_workers=2, executor_type="process",
-                                                batch_size=50, max_retries=1)],
-                     replicates=400)
+    exp = Experiment(
+        lambda ctx: None,
+        Pipeline([crash_on(doomed=137), record_replicate()]),
+        plugins=[ParallelExecution(max_workers=2, executor_type="process", batch_size=50, max_retries=1)],
+        replicates=400,
+    )
     result = exp.run()
     assert [(e.replicate, e.step) for e in result.errors] == [(137, "worker")]
     assert sorted(r.replicate for r in result.runs) == list(range(400))
@@ -478,8 +543,13 @@ def test_a_killer_run_inside_large_batches_is_found_and_the_rest_complete():
 
 def test_process_results_holding_a_lambda_param_come_back():
     # initial_ctx travels with cloudpickle; the injected value is in the run's provenance
-    exp = Experiment(lambda ctx: None, Pipeline([apply_transform()]), initial_ctx={"transform": lambda x: x * 3},
-                     plugins=[ParallelExecution(max_workers=2, executor_type="process")], replicates=4)
+    exp = Experiment(
+        lambda ctx: None,
+        Pipeline([apply_transform()]),
+        initial_ctx={"transform": lambda x: x * 3},
+        plugins=[ParallelExecution(max_workers=2, executor_type="process")],
+        replicates=4,
+    )
     result = exp.run()
     assert result.errors == []
     assert result.metrics.baseline.metrics == {"value": [0, 3, 6, 9]}
@@ -487,8 +557,12 @@ def test_process_results_holding_a_lambda_param_come_back():
 
 
 def test_process_result_that_cannot_be_pickled_is_a_run_error_not_a_crash():
-    exp = Experiment(lambda ctx: None, Pipeline([record_lock()]),
-                     plugins=[ParallelExecution(max_workers=2, executor_type="process")], replicates=3)
+    exp = Experiment(
+        lambda ctx: None,
+        Pipeline([record_lock()]),
+        plugins=[ParallelExecution(max_workers=2, executor_type="process")],
+        replicates=3,
+    )
     result = exp.run()
     assert len(result.runs) == 3
     assert len(result.errors) == 3
@@ -499,16 +573,25 @@ def test_process_result_that_cannot_be_pickled_is_a_run_error_not_a_crash():
 
 
 def test_data_source_factory_with_treatment_under_process_backend():
-    exp = Experiment(sized, Pipeline([total()]), treatments=[Treatment("big", {"n": 5})],
-                     plugins=[ParallelExecution(max_workers=2, executor_type="process")], replicates=2)
+    exp = Experiment(
+        sized,
+        Pipeline([total()]),
+        treatments=[Treatment("big", {"n": 5})],
+        plugins=[ParallelExecution(max_workers=2, executor_type="process")],
+        replicates=2,
+    )
     result = exp.run()
     assert result.metrics.baseline.metrics == {"total": [1, 1]}
     assert result.metrics.treatments["big"].metrics == {"total": [10, 10]}
 
 
 def test_spawned_workers_run_module_level_steps():
-    exp = Experiment(sized(n=3), Pipeline([record_replicate(), total()]), replicates=3,
-                     plugins=[ParallelExecution(max_workers=2, executor_type="process", start_method="spawn")])
+    exp = Experiment(
+        sized(n=3),
+        Pipeline([record_replicate(), total()]),
+        replicates=3,
+        plugins=[ParallelExecution(max_workers=2, executor_type="process", start_method="spawn")],
+    )
     result = exp.run()
     assert result.errors == []
     assert result.metrics.baseline.metrics["total"] == [3, 3, 3]
@@ -516,8 +599,12 @@ def test_spawned_workers_run_module_level_steps():
 
 
 def test_arun_with_process_backend():
-    exp = Experiment(lambda ctx: None, Pipeline([record_replicate()]), replicates=4,
-                     plugins=[ParallelExecution(max_workers=2, executor_type="process")])
+    exp = Experiment(
+        lambda ctx: None,
+        Pipeline([record_replicate()]),
+        replicates=4,
+        plugins=[ParallelExecution(max_workers=2, executor_type="process")],
+    )
     result = asyncio.run(exp.arun())
     assert result.metrics.baseline.metrics["value"] == [0, 1, 2, 3]
 
@@ -539,8 +626,11 @@ class HeavyModel(PipelineStep):
 
 def test_heavy_step_is_rebuilt_once_per_worker_instead_of_pickled(tmp_path):
     log = tmp_path / "builds.log"
-    exp = Experiment(lambda ctx: 0, Pipeline([HeavyModel(str(log), size=5)]),
-                     plugins=[ParallelExecution(max_workers=2, executor_type="process")])
+    exp = Experiment(
+        lambda ctx: 0,
+        Pipeline([HeavyModel(str(log), size=5)]),
+        plugins=[ParallelExecution(max_workers=2, executor_type="process")],
+    )
     result = exp.run(replicates=20)
     assert result.errors == []
     assert set(result.metrics.baseline.metrics["size"]) == {5}  # constructor args travelled
@@ -570,10 +660,13 @@ def test_driver_only_parts_are_not_shipped_to_workers():
 
     unpicklable_verifier = lambda b, t, _lock=lock: {"p_value": 0.5}  # noqa: E731
     watcher = Watcher()
-    exp = Experiment(lambda ctx: None, Pipeline([record_replicate()]),
-                     plugins=[watcher, ParallelExecution(max_workers=2, executor_type="process")],
-                     treatments=[Treatment("t", {"offset": 1})],
-                     hypotheses=[Hypothesis(unpicklable_verifier, metrics="value", name="h")])
+    exp = Experiment(
+        lambda ctx: None,
+        Pipeline([record_replicate()]),
+        plugins=[watcher, ParallelExecution(max_workers=2, executor_type="process")],
+        treatments=[Treatment("t", {"offset": 1})],
+        hypotheses=[Hypothesis(unpicklable_verifier, metrics="value", name="h")],
+    )
     result = exp.run(replicates=3)
     assert result.errors == [] and watcher.count == 6
     assert result.get_hypothesis("h").results == {"t": {"p_value": 0.5}}
@@ -600,7 +693,8 @@ def test_async_backend_streams_results_to_the_driver_as_they_finish():
                 RECEIVED.set()
 
     RECEIVED.clear()
-    exp = Experiment(lambda ctx: None, Pipeline([waits_for_first_result()]),
-                     plugins=[Flag(), AsyncExecution()], replicates=2)
+    exp = Experiment(
+        lambda ctx: None, Pipeline([waits_for_first_result()]), plugins=[Flag(), AsyncExecution()], replicates=2
+    )
     result = exp.run()
     assert result.run(1).metrics["saw_first_result"] == [True]

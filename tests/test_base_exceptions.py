@@ -75,8 +75,11 @@ BACKENDS = [
     pytest.param(lambda: AsyncExecution(), id="async"),
     pytest.param(_ray_backend, id="ray", marks=pytest.mark.ray),
 ]
-KINDS = [("exit", "SystemExit", "3"), ("cancelled", "CancelledError", "stray cancel from a client library"),
-         ("boom", "Boom", "custom base exception")]
+KINDS = [
+    ("exit", "SystemExit", "3"),
+    ("cancelled", "CancelledError", "stray cancel from a client library"),
+    ("boom", "Boom", "custom base exception"),
+]
 
 
 @pytest.fixture
@@ -89,8 +92,9 @@ def uses_ray(request):
 @pytest.mark.parametrize("kind, type_name, message", KINDS, ids=[k[0] for k in KINDS])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_base_exception_in_a_step_fails_only_its_run(uses_ray, backend, kind, type_name, message):
-    exp = Experiment(lambda ctx: None, Pipeline([explode(kind=kind, on=1)]), plugins=[backend()],
-                     replicates=4, cache=False)
+    exp = Experiment(
+        lambda ctx: None, Pipeline([explode(kind=kind, on=1)]), plugins=[backend()], replicates=4, cache=False
+    )
     result = exp.run()
     (error,) = result.errors
     assert (error.replicate, error.condition, error.step, error.type) == (1, "baseline", "explode", type_name)
@@ -103,8 +107,9 @@ def test_a_base_exception_in_a_step_fails_only_its_run(uses_ray, backend, kind, 
 @pytest.mark.parametrize("kind, type_name, message", KINDS, ids=[k[0] for k in KINDS])
 @pytest.mark.parametrize("backend", [BACKENDS[0], BACKENDS[3]])
 def test_a_base_exception_in_an_async_step_fails_only_its_run(backend, kind, type_name, message):
-    exp = Experiment(lambda ctx: None, Pipeline([aexplode(kind=kind, on=2)]), plugins=[backend()],
-                     replicates=4, cache=False)
+    exp = Experiment(
+        lambda ctx: None, Pipeline([aexplode(kind=kind, on=2)]), plugins=[backend()], replicates=4, cache=False
+    )
     result = exp.run()
     assert [(e.replicate, e.step, e.type) for e in result.errors] == [(2, "aexplode", type_name)]
     assert result.metrics.baseline.metrics["value"] == [0, 1, 3]
@@ -115,8 +120,9 @@ def test_a_stray_cancel_under_arun_fails_only_its_run(backend):
     # Under arun() the caller's task is not being cancelled: the CancelledError is the
     # run's own failure, whether the runs are tasks of the caller's loop (async) or
     # arrive through the default aexecute's helper thread (thread).
-    exp = Experiment(lambda ctx: None, Pipeline([aexplode(kind="cancelled", on=0)]), plugins=[backend()],
-                     replicates=3, cache=False)
+    exp = Experiment(
+        lambda ctx: None, Pipeline([aexplode(kind="cancelled", on=0)]), plugins=[backend()], replicates=3, cache=False
+    )
     result = asyncio.run(exp.arun())
     assert [(e.replicate, e.type) for e in result.errors] == [(0, "CancelledError")]
     assert result.metrics.baseline.metrics["value"] == [1, 2]
@@ -139,8 +145,10 @@ def test_sys_exit_in_the_datasource_fails_each_run_it_hits(uses_ray, backend):
 
     exp = Experiment(source, Pipeline([explode(on=-1)]), plugins=[backend()], replicates=4, cache=False)
     result = exp.run()
-    assert [(e.replicate, e.step, e.type) for e in result.errors] == [(1, "datasource", "SystemExit"),
-                                                                      (3, "datasource", "SystemExit")]
+    assert [(e.replicate, e.step, e.type) for e in result.errors] == [
+        (1, "datasource", "SystemExit"),
+        (3, "datasource", "SystemExit"),
+    ]
     assert result.metrics.baseline.metrics["value"] == [0, 2]
 
 
@@ -154,8 +162,9 @@ async def cancel_own_task(data, ctx):
 
 
 def test_a_run_that_cancels_its_own_task_fails_only_that_run_under_async_execution():
-    exp = Experiment(lambda ctx: None, Pipeline([cancel_own_task()]), plugins=[AsyncExecution()],
-                     replicates=3, cache=False)
+    exp = Experiment(
+        lambda ctx: None, Pipeline([cancel_own_task()]), plugins=[AsyncExecution()], replicates=3, cache=False
+    )
     result = exp.run()
     assert [(e.replicate, e.type) for e in result.errors] == [(1, "CancelledError")]
     assert result.metrics.baseline.metrics["value"] == [0, 2]

@@ -575,7 +575,7 @@ def test_unhashable_input_runs_without_the_cache(cache_dir, caplog):
 
 # -- code edits, seen by a fresh process ----------------------------------------------
 
-MODULE = '''\
+MODULE = """\
 import os
 
 from crystallize import pipeline_step
@@ -596,9 +596,9 @@ def compute(data):
     with open(os.environ["COUNTER_FILE"], "a") as fh:
         fh.write("call\\n")
     return {body}
-'''
+"""
 
-DRIVER = '''\
+DRIVER = """\
 import json
 import sys
 
@@ -609,7 +609,7 @@ from crystallize import FrozenContext, Pipeline
 ctx = FrozenContext()
 out = Pipeline([stepmod.compute()]).run([1, 2, 3], ctx)
 print(json.dumps({"out": out, "cache": ctx.provenance[0].cache}))
-'''
+"""
 
 
 class Project:
@@ -629,9 +629,7 @@ class Project:
             # An edit within the same second must not be served a stale .pyc.
             PYTHONDONTWRITEBYTECODE="1",
         )
-        self.fields = dict(
-            scale="2", helper="x * SCALE", unrelated="1", body="[helper(x) for x in data]", version=""
-        )
+        self.fields = dict(scale="2", helper="x * SCALE", unrelated="1", body="[helper(x) for x in data]", version="")
 
     def write(self, **changes: str) -> None:
         self.fields.update(changes)
@@ -640,7 +638,10 @@ class Project:
     def run(self) -> tuple[list, str]:
         done = subprocess.run(
             [sys.executable, str(self.driver), str(self.src)],
-            env=self.env, capture_output=True, text=True, timeout=60,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert done.returncode == 0, done.stderr
         result = json.loads(done.stdout.strip().splitlines()[-1])

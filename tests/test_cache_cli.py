@@ -85,12 +85,12 @@ def test_verify_finds_forged_manifests_and_damaged_blobs_and_repair_deletes_them
     fill(tmp_path / "c")
     store = LocalCacheStore(tmp_path / "c")
     manifests = [o for o in store.walk() if o.namespace != BLOBS and o.key != "last" and "." not in o.key]
-    blobbed = [o for o in manifests if open_manifest(store.get(o.namespace, o.key), cache_key(),
-                                                     f"{o.namespace}/{o.key}").blob]
+    blobbed = [
+        o for o in manifests if open_manifest(store.get(o.namespace, o.key), cache_key(), f"{o.namespace}/{o.key}").blob
+    ]
     inline = [o for o in manifests if o not in blobbed]
     victim = blobbed[0]
-    blob = open_manifest(store.get(victim.namespace, victim.key), cache_key(),
-                         f"{victim.namespace}/{victim.key}").blob
+    blob = open_manifest(store.get(victim.namespace, victim.key), cache_key(), f"{victim.namespace}/{victim.key}").blob
     path = store.path(BLOBS, blob)
     path.write_bytes(path.read_bytes()[:-1] + b"!")  # one byte of the output changed
     forged = store.path(inline[0].namespace, inline[0].key)
@@ -101,8 +101,11 @@ def test_verify_finds_forged_manifests_and_damaged_blobs_and_repair_deletes_them
     bad = {item["object"]: item["problem"] for item in json.loads(failed.output)["bad"]}
     assert "does not verify" in bad[f"{inline[0].namespace}/{inline[0].key}"]
     assert any("does not match" in problem for problem in bad.values())
-    sharing = sum(1 for o in blobbed if open_manifest(store.get(o.namespace, o.key), cache_key(),
-                                                      f"{o.namespace}/{o.key}").blob == blob)
+    sharing = sum(
+        1
+        for o in blobbed
+        if open_manifest(store.get(o.namespace, o.key), cache_key(), f"{o.namespace}/{o.key}").blob == blob
+    )
     assert len(bad) == 1 + sharing
 
     repaired = as_json("cache", "verify", "--cache", str(tmp_path / "c"), "--repair")
@@ -169,13 +172,25 @@ def test_the_commands_work_on_a_bucket(s3_bucket, tmp_path):
 def test_python_dash_m_crystallize_and_the_default_cache(tmp_path):
     fill(tmp_path / ".cache")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "crystallize", "cache", "ls", "--json"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "crystallize", "cache", "ls", "--json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert str(tmp_path / ".cache") in report["store"]
     assert {r["step"] for r in report["steps"]} == {"big", "small"}
     env["CRYSTALLIZE_CACHE_DIR"] = str(tmp_path / "elsewhere")
-    proc = subprocess.run([sys.executable, "-m", "crystallize", "cache", "du"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "crystallize", "cache", "du"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0 and "elsewhere" in proc.stdout

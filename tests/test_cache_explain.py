@@ -72,9 +72,7 @@ def test_the_first_miss_and_every_hit_have_no_reason(store):
 
 def test_changed_explicit_params_are_named(store):
     reasons(Pipeline([scale(factor=2.0)]), store, 1)
-    assert reasons(Pipeline([scale(factor=3.0)]), store, 1) == [
-        ("miss", "params changed: factor")
-    ]
+    assert reasons(Pipeline([scale(factor=3.0)]), store, 1) == [("miss", "params changed: factor")]
     both = reasons(Pipeline([scale(factor=4.0, lr=0.5)]), store, 1)
     assert both == [("miss", "params changed: factor, lr")]
 
@@ -89,9 +87,7 @@ def test_changed_injected_values_are_named(store):
     )
     result = exp.run()
     assert result.run(0, "baseline").provenance[0].miss_reason is None
-    assert (
-        result.run(0, "fast").provenance[0].miss_reason == "injected value changed: lr"
-    )
+    assert result.run(0, "fast").provenance[0].miss_reason == "injected value changed: lr"
 
 
 def test_changed_code_is_named(store, monkeypatch):
@@ -102,30 +98,20 @@ def test_changed_code_is_named(store, monkeypatch):
 
 def test_changed_constructor_arguments_are_named(store):
     reasons(Pipeline([Shift(1)]), store, 1)
-    assert reasons(Pipeline([Shift(2)]), store, 1) == [
-        ("miss", "constructor arguments changed")
-    ]
+    assert reasons(Pipeline([Shift(2)]), store, 1) == [("miss", "constructor arguments changed")]
 
 
 def test_a_new_input_is_named_with_what_else_changed(store):
     reasons(Pipeline([scale(factor=2.0)]), store, 1)
-    assert reasons(Pipeline([scale(factor=2.0)]), store, 2) == [
-        ("miss", "input changed")
-    ]
-    assert reasons(Pipeline([scale(factor=5.0)]), store, 3) == [
-        ("miss", "params changed: factor; input changed")
-    ]
+    assert reasons(Pipeline([scale(factor=2.0)]), store, 2) == [("miss", "input changed")]
+    assert reasons(Pipeline([scale(factor=5.0)]), store, 3) == [("miss", "params changed: factor; input changed")]
     # An input seen before is compared with the last key stored for that input.
-    assert reasons(Pipeline([scale(factor=5.0)]), store, 1) == [
-        ("miss", "params changed: factor")
-    ]
+    assert reasons(Pipeline([scale(factor=5.0)]), store, 1) == [("miss", "params changed: factor")]
 
 
 def test_a_changed_ctx_read_is_named(store):
     reasons(Pipeline([read_alpha()]), store, 1, alpha=1)
-    assert reasons(Pipeline([read_alpha()]), store, 1, alpha=2) == [
-        ("miss", "ctx read changed: alpha")
-    ]
+    assert reasons(Pipeline([read_alpha()]), store, 1, alpha=2) == [("miss", "ctx read changed: alpha")]
 
 
 def test_changed_randomness_is_named(store):
@@ -149,9 +135,7 @@ def test_a_deleted_entry_is_named(store):
     Pipeline([scale(factor=2.0)]).run(1, ctx, cache=store)
     record = ctx.provenance[0]
     store.delete(record.step_hash, record.input_hash)
-    assert reasons(Pipeline([scale(factor=2.0)]), store, 1) == [
-        ("miss", "entry missing")
-    ]
+    assert reasons(Pipeline([scale(factor=2.0)]), store, 1) == [("miss", "entry missing")]
 
 
 def test_steps_at_other_positions_explain_themselves_apart(store):
@@ -168,9 +152,7 @@ def test_the_cache_log_says_the_same_at_debug(store, caplog):
     reasons(Pipeline([scale(factor=2.0)]), store, 1)
     with caplog.at_level(logging.DEBUG, logger="crystallize.cache"):
         reasons(Pipeline([scale(factor=3.0)]), store, 1)
-    (message,) = [
-        r.getMessage() for r in caplog.records if "missed the cache" in r.getMessage()
-    ]
+    (message,) = [r.getMessage() for r in caplog.records if "missed the cache" in r.getMessage()]
     assert "'scale'" in message and "params changed: factor" in message
 
 

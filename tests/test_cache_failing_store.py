@@ -53,8 +53,11 @@ def note_replicate(data, ctx):
 
 def experiment(cache=None, backend=None) -> Experiment:
     return Experiment(
-        lambda ctx: [1, 2, 3], [double(), note_replicate()],
-        plugins=[backend] if backend else None, replicates=REPLICATES, cache=cache,
+        lambda ctx: [1, 2, 3],
+        [double(), note_replicate()],
+        plugins=[backend] if backend else None,
+        replicates=REPLICATES,
+        cache=cache,
     )
 
 
@@ -79,7 +82,8 @@ def run_and_check(exp: Experiment, caplog, statuses=frozenset({"error"})):
         result = exp.run()
     assert result.errors == []
     assert result.metrics.baseline.metrics == {
-        "total": [12] * REPLICATES, "replicate": list(range(REPLICATES)),
+        "total": [12] * REPLICATES,
+        "replicate": list(range(REPLICATES)),
     }
     seen = {run.provenance[0].cache for run in result.runs}
     assert seen <= statuses, seen
@@ -191,7 +195,8 @@ def entry_is_mode_000(entry: Path) -> None:
 UNREADABLE = {
     "symlink-loop": entry_is_a_symlink_loop,
     "mode-000": pytest.param(
-        entry_is_mode_000, marks=pytest.mark.skipif(not MODES_BIND, reason="file modes do not bind this user (root)"),
+        entry_is_mode_000,
+        marks=pytest.mark.skipif(not MODES_BIND, reason="file modes do not bind this user (root)"),
     ),
 }
 
@@ -235,7 +240,11 @@ def test_guard_answers_like_an_empty_store_and_flags_the_failure(tmp_path, caplo
         store.delete("ns", "key")
         assert store.contains("ns", "key") is False  # a directory is no entry
     assert store.failed
-    assert problems(store_warnings(caplog)) == ["delete IsADirectoryError", "get IsADirectoryError", "put IsADirectoryError"]
+    assert problems(store_warnings(caplog)) == [
+        "delete IsADirectoryError",
+        "get IsADirectoryError",
+        "put IsADirectoryError",
+    ]
 
 
 def test_other_errors_are_not_swallowed(tmp_path):

@@ -19,7 +19,7 @@ from crystallize.explain import RECORD_KEY
 
 WRITERS = 8
 
-STEP_MODULE = '''\
+STEP_MODULE = """\
 import os
 import time
 
@@ -33,9 +33,9 @@ def slow_square(data):
     # Long enough that every writer misses before the first one stores.
     time.sleep(0.5)
     return {"squares": [x * x for x in data], "blob": bytes(range(256)) * 4096}
-'''
+"""
 
-WORKER = '''\
+WORKER = """\
 import json
 import os
 import sys
@@ -56,7 +56,7 @@ record = ctx.provenance[0]
 print(json.dumps({"cache": record.cache, "step_hash": record.step_hash,
                   "input_hash": record.input_hash, "head": out["squares"][:4],
                   "blob": len(out["blob"])}))
-'''
+"""
 
 
 def _count(path: Path) -> int:
@@ -85,8 +85,11 @@ def test_concurrent_writers_of_one_key_leave_one_valid_entry(tmp_path, monkeypat
 
     procs = [
         subprocess.Popen(
-            [sys.executable, str(worker), str(src)], env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True,
+            [sys.executable, str(worker), str(src)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for _ in range(WRITERS)
     ]

@@ -90,12 +90,7 @@ BACKENDS = {
 PER_RUN = ["rng", "numpy_rng"]
 GLOBAL = ["random", "numpy"]
 # Global generators are shared by concurrent threads: not reproducible there.
-CASES = [
-    (p, b)
-    for p in PER_RUN + GLOBAL
-    for b in BACKENDS
-    if not (p in GLOBAL and b == "thread")
-]
+CASES = [(p, b) for p in PER_RUN + GLOBAL for b in BACKENDS if not (p in GLOBAL and b == "thread")]
 
 
 def experiment(pattern: str, backend: str, cache) -> Experiment:
@@ -134,9 +129,7 @@ def test_cache_off_cold_and_warm_give_the_same_draws(pattern, backend, counter):
     # Common random numbers: the treatment drew what the baseline drew, then doubled.
     assert treated["drawn"] == [2 * x for x in baseline["drawn"]]
     assert treated["later"] == baseline["later"]
-    if (
-        backend != "thread"
-    ):  # other runs reseeding the globals may cost a thread run a hit
+    if backend != "thread":  # other runs reseeding the globals may cost a thread run a hit
         assert executions(counter) == 16, "the warm run executed the cached step"
         assert statuses(warm) == ["hit"] * 8
 
@@ -166,9 +159,7 @@ def test_a_step_that_draws_nothing_keeps_one_entry_for_every_seed(counter):
 
 
 def test_the_entry_records_the_generators_drawn_from_as_reads():
-    ctx = FrozenContext(
-        {"rng": random.Random(1), "other": random.Random(2), "pattern": "rng"}
-    )
+    ctx = FrozenContext({"rng": random.Random(1), "other": random.Random(2), "pattern": "rng"})
     Pipeline([cached_draw()]).run(0, ctx)
     (record,) = ctx.provenance
     assert ("crystallize", "random", "ctx:rng") in record.reads
@@ -183,12 +174,7 @@ def test_a_hit_leaves_every_generator_where_the_step_left_it():
     @pipeline_step(cacheable=True)
     def both(data, ctx):
         count_call()
-        return (
-            data
-            + ctx["generator"].random()
-            + random.random()
-            + float(np.random.random())
-        )
+        return data + ctx["generator"].random() + random.random() + float(np.random.random())
 
     def after(ctx):
         return (

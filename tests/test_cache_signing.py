@@ -117,7 +117,7 @@ def test_a_forged_entry_is_never_unpickled_and_is_rewritten(forge, tmp_path, cap
 def test_an_entry_of_the_unsigned_format_is_a_miss_and_is_rewritten(tmp_path, caplog):
     path = entry_file(tmp_path / "cache", experiment().run(replicates=1))
     blob = path.read_bytes()
-    path.write_bytes(b"CRYSTALLIZE-ENTRY\x01" + bytes(16) + blob[len(MAGIC) + MAC_SIZE:])
+    path.write_bytes(b"CRYSTALLIZE-ENTRY\x01" + bytes(16) + blob[len(MAGIC) + MAC_SIZE :])
     with caplog.at_level(logging.WARNING, logger="crystallize"):
         result = experiment().run()
     assert result.runs[0].provenance[0].cache == "miss"
@@ -212,16 +212,16 @@ def test_sign_and_verify():
 
 # -- processes with their own keys ---------------------------------------------------
 
-STEP_MODULE = '''\
+STEP_MODULE = """\
 from crystallize import pipeline_step
 
 
 @pipeline_step(cacheable=True)
 def cube(data):
     return [x ** 3 for x in data]
-'''
+"""
 
-RUN_ONCE = '''\
+RUN_ONCE = """\
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from crystallize import FrozenContext, Pipeline
@@ -229,28 +229,31 @@ import signed_steps
 ctx = FrozenContext()
 out = Pipeline([signed_steps.cube()]).run([1, 2, 3], ctx)
 print(json.dumps({"cache": ctx.provenance[0].cache, "out": out}))
-'''
+"""
 
 
 def run_process(tmp_path: Path, **env: str) -> dict:
     full = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", RUN_ONCE, str(tmp_path / "mods")], env=full,
-                          capture_output=True, text=True, timeout=120, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN_ONCE, str(tmp_path / "mods")],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_an_entry_written_under_key_a_is_a_miss_under_key_b(tmp_path):
     (tmp_path / "mods").mkdir()
     (tmp_path / "mods" / "signed_steps.py").write_text(STEP_MODULE)
-    statuses = [
-        run_process(tmp_path, **{KEY_ENV: key})
-        for key in ("key A", "key A", "key B", "key B", "key A")
-    ]
+    statuses = [run_process(tmp_path, **{KEY_ENV: key}) for key in ("key A", "key A", "key B", "key B", "key A")]
     assert [s["cache"] for s in statuses] == ["miss", "hit", "miss", "hit", "miss"]
     assert all(s["out"] == [1, 8, 27] for s in statuses)
 
 
-RACE = '''\
+RACE = """\
 import os, sys, time
 from pathlib import Path
 from crystallize.signing import cache_key
@@ -259,15 +262,19 @@ Path(sys.argv[2], str(os.getpid())).touch()
 while not gate.exists():
     time.sleep(0.001)
 print(cache_key().hex())
-'''
+"""
 
 
 def test_racing_processes_agree_on_one_new_key(isolated_key, tmp_path):
     ready, gate = tmp_path / "ready", tmp_path / "go"
     ready.mkdir()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(gate), str(ready)], env=env,
-                              stdout=subprocess.PIPE, text=True) for _ in range(8)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE, str(gate), str(ready)], env=env, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(8)
+    ]
     deadline = time.monotonic() + 60
     while len(list(ready.iterdir())) < len(procs) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -279,7 +286,7 @@ def test_racing_processes_agree_on_one_new_key(isolated_key, tmp_path):
 
 # -- the driver's key travels with the shipped experiment ----------------------------
 
-WORKER = '''\
+WORKER = """\
 import sys
 from pathlib import Path
 from crystallize.backend import deserialize_experiment, steps_set_up
@@ -290,7 +297,7 @@ with steps_set_up(job) as host:
         print(run.provenance[0].cache, run.metrics["total"][0])
 record = run.provenance[0]
 print(getattr(job.cache, "store", job.cache).path(record.step_hash, record.input_hash))
-'''
+"""
 
 
 def ship(job, path: Path) -> Path:
@@ -309,8 +316,9 @@ def run_worker(job: Path, config: Path) -> list[str]:
     """
     env = {k: v for k, v in os.environ.items() if k != KEY_ENV}
     env.update(PYTHONPATH=str(ROOT), XDG_CONFIG_HOME=str(config))
-    proc = subprocess.run([sys.executable, "-c", WORKER, str(job)], env=env, capture_output=True,
-                          text=True, timeout=120, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", WORKER, str(job)], env=env, capture_output=True, text=True, timeout=120, check=True
+    )
     return proc.stdout.split()
 
 

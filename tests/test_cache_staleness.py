@@ -75,12 +75,8 @@ def outs(result) -> list:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_module_constant_rebound_between_two_runs_is_a_miss(
-    backend, counter, monkeypatch
-):
-    exp = Experiment(
-        lambda ctx: 3, [times_factor()], plugins=[BACKENDS[backend]()], replicates=2
-    )
+def test_a_module_constant_rebound_between_two_runs_is_a_miss(backend, counter, monkeypatch):
+    exp = Experiment(lambda ctx: 3, [times_factor()], plugins=[BACKENDS[backend]()], replicates=2)
     assert outs(exp.run()) == [6, 6]
     ran = executions(counter)
     assert ran == 1 or backend == "process"  # two workers may both miss at first
@@ -94,13 +90,9 @@ def test_a_module_constant_rebound_between_two_runs_is_a_miss(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_module_level_list_changed_between_two_runs_is_a_miss(
-    backend, counter, monkeypatch
-):
+def test_a_module_level_list_changed_between_two_runs_is_a_miss(backend, counter, monkeypatch):
     monkeypatch.setattr(THIS, "OFFSETS", [1])
-    exp = Experiment(
-        lambda ctx: 10, [plus_offsets()], plugins=[BACKENDS[backend]()], replicates=2
-    )
+    exp = Experiment(lambda ctx: 10, [plus_offsets()], plugins=[BACKENDS[backend]()], replicates=2)
     assert outs(exp.run()) == [11, 11]
     ran = executions(counter)
     OFFSETS.append(5)
@@ -141,9 +133,7 @@ class HeavyScale(Scale):
 @pytest.mark.parametrize("cls", [Scale, HeavyScale])
 def test_a_class_step_is_keyed_by_its_constructor_arguments(backend, cls, counter):
     def run(step):
-        return outs(
-            Experiment(lambda ctx: 3, [step], plugins=[BACKENDS[backend]()]).run()
-        )
+        return outs(Experiment(lambda ctx: 3, [step], plugins=[BACKENDS[backend]()]).run())
 
     assert run(cls(2)) == [6]
     assert run(cls(3)) == [9], "Scale(3) was served Scale(2)'s output"
@@ -168,9 +158,7 @@ class Locked(PipelineStep):
         return data * self.factor
 
 
-def test_unhashable_constructor_arguments_run_uncached_with_one_warning(
-    counter, caplog
-):
+def test_unhashable_constructor_arguments_run_uncached_with_one_warning(counter, caplog):
     exp = Experiment(lambda ctx: 2, [Locked(threading.Lock(), 4)], replicates=3)
     with caplog.at_level(logging.WARNING, logger="crystallize"):
         for _ in range(2):
@@ -180,10 +168,7 @@ def test_unhashable_constructor_arguments_run_uncached_with_one_warning(
     assert executions(counter) == 6
     warnings = [r for r in caplog.records if "constructor arguments" in r.getMessage()]
     assert len(warnings) == 1
-    assert (
-        "'Locked'" in warnings[0].getMessage()
-        and "_thread.lock" in warnings[0].getMessage()
-    )
+    assert "'Locked'" in warnings[0].getMessage() and "_thread.lock" in warnings[0].getMessage()
 
 
 def test_params_still_count_beside_the_constructor_arguments(counter):
@@ -282,12 +267,8 @@ def test_edits_and_rebinding_in_fresh_processes(tmp_path, counter):
     assert out["second"][1][0] == "code changed"
     assert executions(counter) == 6
 
-    out = run(
-        offset=0, body="data + self.by + OFFSET"
-    )  # back: every entry is still there
-    assert [
-        statuses[0] for statuses in (out["first"][0], out["second"][0], out["third"][0])
-    ] == [["hit"]] * 3
+    out = run(offset=0, body="data + self.by + OFFSET")  # back: every entry is still there
+    assert [statuses[0] for statuses in (out["first"][0], out["second"][0], out["third"][0])] == [["hit"]] * 3
     assert executions(counter) == 6
 
 
@@ -311,15 +292,14 @@ def test_a_function_passed_as_a_parameter_is_keyed_by_its_code(tmp_path):
         )
 
     def run() -> str:
-        done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=120)
+        done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         return done.stdout.strip()
 
     write("x + 1")
     assert run() == "[3, 1]"
     assert run() == "[3, 1]"
-    assert calls.read_text().count("call") == 2           # second process: two hits
+    assert calls.read_text().count("call") == 2  # second process: two hits
     write("x * 10")
-    assert run() == "[20, 1]"                              # helper edited: a miss
-    assert calls.read_text().count("call") == 3           # the lambda's entry still hits
+    assert run() == "[20, 1]"  # helper edited: a miss
+    assert calls.read_text().count("call") == 3  # the lambda's entry still hits

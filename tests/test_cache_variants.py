@@ -85,9 +85,7 @@ def sweep(store, backend=None) -> Experiment:
 
 def metrics(result):
     assert result.errors == []
-    return result.metrics.baseline.metrics, {
-        n: t.metrics for n, t in result.metrics.treatments.items()
-    }
+    return result.metrics.baseline.metrics, {n: t.metrics for n, t in result.metrics.treatments.items()}
 
 
 def test_three_passes_over_branches_hit_on_the_second_and_third(tmp_path, counter):

@@ -23,14 +23,34 @@ from crystallize.cli import parse_setting
 ROOT = Path(__file__).parents[1]
 EXAMPLE = ROOT / "tests" / "scripts" / "cli_example.py"
 SCRIPT = shutil.which("crystallize", path=str(Path(sys.executable).parent)) or "crystallize"
-OPTIONS = ["--replicates", "--backend", "--workers", "--address", "--resume", "--timeout", "--out", "--plot",
-           "--progress", "--no-progress", "--set", "--journal", "--no-journal", "--allow-failures"]
+OPTIONS = [
+    "--replicates",
+    "--backend",
+    "--workers",
+    "--address",
+    "--resume",
+    "--timeout",
+    "--out",
+    "--plot",
+    "--progress",
+    "--no-progress",
+    "--set",
+    "--journal",
+    "--no-journal",
+    "--allow-failures",
+]
 
 
 def crystallize(*args: str, cwd: Path = ROOT, module: bool = False, timeout: int = 120) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "crystallize"] if module else [SCRIPT]
-    return subprocess.run([*command, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "CRYSTALLIZE_PROGRESS_EVERY": "0"})
+    return subprocess.run(
+        [*command, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "CRYSTALLIZE_PROGRESS_EVERY": "0"},
+    )
 
 
 def test_help_lists_the_commands_and_every_option_of_run():
@@ -52,9 +72,29 @@ def test_help_lists_the_commands_and_every_option_of_run():
 def test_run_with_every_option_prints_the_table_saves_the_result_and_draws_it(tmp_path):
     pytest.importorskip("matplotlib")
     out, picture, log = tmp_path / "saved", tmp_path / "result.png", tmp_path / "log.txt"
-    done = crystallize("run", str(EXAMPLE), "--replicates", "3", "--backend", "process", "--workers", "2",
-                       "--timeout", "30", "--out", str(out), "--plot", str(picture), "--progress",
-                       "--set", "lr=0.2", "--set", f"log={log}", "--journal", str(tmp_path / "journal"))
+    done = crystallize(
+        "run",
+        str(EXAMPLE),
+        "--replicates",
+        "3",
+        "--backend",
+        "process",
+        "--workers",
+        "2",
+        "--timeout",
+        "30",
+        "--out",
+        str(out),
+        "--plot",
+        str(picture),
+        "--progress",
+        "--set",
+        "lr=0.2",
+        "--set",
+        f"log={log}",
+        "--journal",
+        str(tmp_path / "journal"),
+    )
     assert done.returncode == 0, done.stderr
     assert "Experiment cli_example: 6 runs, 0 failed" in done.stdout
     assert "Hypothesis 'faster_learns_more'" in done.stdout
@@ -62,13 +102,30 @@ def test_run_with_every_option_prints_the_table_saves_the_result_and_draws_it(tm
     result = Result.load(out)
     assert result.metrics.baseline.metrics["score"][0] == pytest.approx(2.0, abs=0.01)  # lr=0.2 reached the runs
     assert result.metrics.treatments["fast"].metrics["score"][0] == pytest.approx(3.0, abs=0.01)
-    assert len(set(result.metrics.baseline.metrics["pid"])) >= 1 and os.getpid() not in result.metrics.baseline.metrics["pid"]
+    assert (
+        len(set(result.metrics.baseline.metrics["pid"])) >= 1
+        and os.getpid() not in result.metrics.baseline.metrics["pid"]
+    )
     assert result.provenance["backend"] == "ParallelExecution"
     assert picture.stat().st_size > 0
     assert len(log.read_text().splitlines()) == 6
 
-    resumed = crystallize("run", str(EXAMPLE), "-n", "4", "--resume", "--no-progress", "--out", str(out),
-                          "--set", "lr=0.2", "--set", f"log={log}", "--journal", str(tmp_path / "journal"))
+    resumed = crystallize(
+        "run",
+        str(EXAMPLE),
+        "-n",
+        "4",
+        "--resume",
+        "--no-progress",
+        "--out",
+        str(out),
+        "--set",
+        "lr=0.2",
+        "--set",
+        f"log={log}",
+        "--journal",
+        str(tmp_path / "journal"),
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "6 of 8 runs resumed" in resumed.stderr
     assert len(log.read_text().splitlines()) == 8  # only replicate 3 of each condition ran
@@ -77,33 +134,67 @@ def test_run_with_every_option_prints_the_table_saves_the_result_and_draws_it(tm
 
 @pytest.mark.parametrize("module", [False, True], ids=["console-script", "python-m"])
 def test_failed_runs_exit_1_with_every_failure_and_the_first_traceback(tmp_path, module):
-    done = crystallize("run", f"{EXAMPLE}:build", "--set", "fail_at=1", "--no-journal", "--no-progress",
-                       "--out", str(tmp_path / "out"), module=module)
+    done = crystallize(
+        "run",
+        f"{EXAMPLE}:build",
+        "--set",
+        "fail_at=1",
+        "--no-journal",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "out"),
+        module=module,
+    )
     assert done.returncode == 1
     assert "2 of 4 runs of experiment 'cli_example' failed:" in done.stderr
     assert "replicate 1, condition 'baseline', at train: ValueError: loss is nan at lr=0.1" in done.stderr
     assert 'raise ValueError(f"loss is nan at lr={lr}")' in done.stderr  # the first traceback
     assert len(Result.load(tmp_path / "out").errors) == 2  # saved all the same
 
-    allowed = crystallize("run", str(EXAMPLE), "--set", "fail_at=1", "--no-journal", "--no-progress",
-                          "--out", str(tmp_path / "out2"), "--allow-failures")
+    allowed = crystallize(
+        "run",
+        str(EXAMPLE),
+        "--set",
+        "fail_at=1",
+        "--no-journal",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "out2"),
+        "--allow-failures",
+    )
     assert allowed.returncode == 0 and "2 failed" in allowed.stdout
 
 
 def test_a_timeout_stops_a_hanging_run_and_fails_the_job(tmp_path):
-    done = crystallize("run", str(EXAMPLE), "--backend", "process", "--timeout", "1", "--set", "hang_at=0",
-                       "--no-journal", "--no-progress", "--out", str(tmp_path / "out"))
+    done = crystallize(
+        "run",
+        str(EXAMPLE),
+        "--backend",
+        "process",
+        "--timeout",
+        "1",
+        "--set",
+        "hang_at=0",
+        "--no-journal",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "out"),
+    )
     assert done.returncode == 1
     assert "at train: TimeoutError: The run exceeded its 1 s timeout in step 'train'" in done.stderr
 
 
 @pytest.mark.parametrize("backend", ["serial", "thread", "async"])
 def test_the_in_process_backends_run_and_timeouts_say_where_they_are_possible(tmp_path, backend):
-    done = crystallize("run", str(EXAMPLE), "--backend", backend, "--no-journal", "--no-progress",
-                       "--out", str(tmp_path / "out"))
+    done = crystallize(
+        "run", str(EXAMPLE), "--backend", backend, "--no-journal", "--no-progress", "--out", str(tmp_path / "out")
+    )
     assert done.returncode == 0, done.stderr
-    assert Result.load(tmp_path / "out").provenance["backend"] in ("SerialExecution", "ParallelExecution",
-                                                                   "AsyncExecution")
+    assert Result.load(tmp_path / "out").provenance["backend"] in (
+        "SerialExecution",
+        "ParallelExecution",
+        "AsyncExecution",
+    )
     if backend != "async":
         refused = crystallize("run", str(EXAMPLE), "--backend", backend, "--timeout", "5", "--no-journal")
         assert refused.returncode == 2
@@ -112,9 +203,11 @@ def test_the_in_process_backends_run_and_timeouts_say_where_they_are_possible(tm
 
 def test_wrong_targets_exit_2_and_say_what_the_file_holds(tmp_path):
     two = tmp_path / "two.py"
-    two.write_text("from crystallize import Experiment, pipeline_step\n"
-                   "@pipeline_step()\ndef s(data):\n    return data\n"
-                   "a = Experiment(lambda ctx: 0, [s()])\nb = Experiment(lambda ctx: 0, [s()])\n")
+    two.write_text(
+        "from crystallize import Experiment, pipeline_step\n"
+        "@pipeline_step()\ndef s(data):\n    return data\n"
+        "a = Experiment(lambda ctx: 0, [s()])\nb = Experiment(lambda ctx: 0, [s()])\n"
+    )
     ambiguous = crystallize("run", str(two))
     assert ambiguous.returncode == 2 and "Experiments a, b" in ambiguous.stderr and ":NAME" in ambiguous.stderr
     chosen = crystallize("run", f"{two}:b", "--no-journal", "--no-progress", "--out", str(tmp_path / "o"))
@@ -147,8 +240,13 @@ def test_set_values_are_json_then_python_literals_then_strings():
 @pytest.mark.slow
 def test_crystallize_run_is_a_ray_job_submit_entrypoint_and_failed_runs_fail_the_job(tmp_path):
     pytest.importorskip("ray")
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "cli_job_submit.py"), str(tmp_path)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "scripts" / "cli_job_submit.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     ok, failing = report["ok"], report["failing"]

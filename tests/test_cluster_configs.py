@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 
 yaml = pytest.importorskip("yaml", reason="PyYAML comes with Ray: pip install 'crystallize-lab[ray]'")
-jsonschema = pytest.importorskip("jsonschema", reason="jsonschema comes with ray[default]: pip install 'crystallize-lab[ray]'")
+jsonschema = pytest.importorskip(
+    "jsonschema", reason="jsonschema comes with ray[default]: pip install 'crystallize-lab[ray]'"
+)
 pytest.importorskip("ray.autoscaler", reason="pip install 'crystallize-lab[ray]'")
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
@@ -27,8 +29,14 @@ CONFIGS = sorted(CLUSTER.glob("*.yaml"))
 SUBMIT = CLUSTER / "submit_job.sh"
 DISTRIBUTION = "crystallize-lab[ray]"
 DOC_NETWORKS = [ipaddress.ip_network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")]
-COMMAND_LISTS = ("initialization_commands", "setup_commands", "head_setup_commands",
-                 "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
+COMMAND_LISTS = (
+    "initialization_commands",
+    "setup_commands",
+    "head_setup_commands",
+    "worker_setup_commands",
+    "head_start_ray_commands",
+    "worker_start_ray_commands",
+)
 
 
 def ray_schema() -> dict:
@@ -87,7 +95,8 @@ def test_config_passes_rays_own_preflight(path):
 def test_config_installs_crystallize_and_mounts_the_project(path):
     config = load(path)
     assert any(DISTRIBUTION in cmd and "pip install" in cmd for cmd in config["setup_commands"]), (
-        f"{path.name}: setup_commands must pip install {DISTRIBUTION!r} (our distribution name)")
+        f"{path.name}: setup_commands must pip install {DISTRIBUTION!r} (our distribution name)"
+    )
     assert "." in config["file_mounts"].values(), f"{path.name}: file_mounts must mount the project dir"
 
 
@@ -138,13 +147,17 @@ def _unknown_head_type(c):
     c["head_node_type"] = "ray.head.missing"
 
 
-@pytest.mark.parametrize("breakage, error", [
-    (_misspelled_key, jsonschema.ValidationError),
-    (_min_workers_not_a_number, jsonschema.ValidationError),
-    (_provider_without_type, jsonschema.ValidationError),
-    (_command_not_a_string, jsonschema.ValidationError),
-    (_unknown_head_type, ValueError),
-], ids=lambda v: getattr(v, "__name__", "").lstrip("_"))
+@pytest.mark.parametrize(
+    "breakage, error",
+    [
+        (_misspelled_key, jsonschema.ValidationError),
+        (_min_workers_not_a_number, jsonschema.ValidationError),
+        (_provider_without_type, jsonschema.ValidationError),
+        (_command_not_a_string, jsonschema.ValidationError),
+        (_unknown_head_type, ValueError),
+    ],
+    ids=lambda v: getattr(v, "__name__", "").lstrip("_"),
+)
 def test_broken_aws_config_is_rejected(breakage, error):
     config = copy.deepcopy(load(CLUSTER / "aws.yaml"))
     validate_cluster_config(copy.deepcopy(config))  # intact: accepted
@@ -179,7 +192,8 @@ def test_broken_script_fails_the_same_check(tmp_path):
 def test_submit_script_without_address_says_what_to_set(tmp_path):
     # The submission itself runs against a real cluster in tests/test_ray_cluster.py.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run(["bash", str(SUBMIT)], cwd=CLUSTER.parent, env=env,
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["bash", str(SUBMIT)], cwd=CLUSTER.parent, env=env, capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == 2
     assert "set RAY_ADDRESS" in proc.stderr

@@ -10,7 +10,6 @@ import pytest
 
 from crystallize import ContextMetrics, ContextMutationError, CrystallizeError, FrozenContext
 
-
 # -- reading --------------------------------------------------------------------------
 
 

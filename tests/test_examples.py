@@ -12,7 +12,10 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def test_spec_page_example_prints_the_sums(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / "spec_page.py")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "{'sum': [9.0, 9.0, 9.0]}" in proc.stdout
@@ -24,7 +27,10 @@ def test_the_readme_picture_is_drawn_from_a_script_in_another_directory(tmp_path
     out = tmp_path / "sweep.png"
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / "plot_sweep.py"), str(out)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "48 runs, 0 failed" in proc.stdout

@@ -32,8 +32,6 @@ from crystallize import (
     verifier,
 )
 
-
-
 # --------------------------------------------------------------------------- steps
 
 
@@ -221,8 +219,11 @@ def test_hypotheses_without_treatments_rejected():
     def always(baseline, treatment):
         return {"ok": True}
 
-    exp = Experiment(lambda ctx: [1], Pipeline([record_total()]),
-                     hypotheses=[hypothesis(verifier=always(), metrics="total")(lambda r: 0.0)])
+    exp = Experiment(
+        lambda ctx: [1],
+        Pipeline([record_total()]),
+        hypotheses=[hypothesis(verifier=always(), metrics="total")(lambda r: 0.0)],
+    )
     with pytest.raises(ValidationError, match="no treatments"):
         exp.run()
 
@@ -283,8 +284,9 @@ def test_same_experiment_run_twice_is_equal_and_stateless():
 
 
 def test_arun_inside_asyncio_run():
-    exp = Experiment(lambda ctx: [1, 2], Pipeline([async_total(), record_replicate()]),
-                     plugins=[AsyncExecution()], replicates=3)
+    exp = Experiment(
+        lambda ctx: [1, 2], Pipeline([async_total(), record_replicate()]), plugins=[AsyncExecution()], replicates=3
+    )
 
     async def main():
         return await exp.arun()
@@ -316,14 +318,18 @@ def test_sync_run_inside_event_loop_with_async_backend_points_to_arun():
 
 @pytest.mark.parametrize(
     "backend",
-    [lambda: SerialExecution(), lambda: ParallelExecution(max_workers=2, executor_type="thread"),
-     lambda: AsyncExecution()],
+    [
+        lambda: SerialExecution(),
+        lambda: ParallelExecution(max_workers=2, executor_type="thread"),
+        lambda: AsyncExecution(),
+    ],
     ids=["serial", "thread", "async"],
 )
 def test_class_step_setup_and_teardown_once_per_run(backend):
     step = CountingStep()
-    exp = Experiment(lambda ctx: [1], Pipeline([step]), plugins=[backend()],
-                     treatments=[Treatment("t", {"k": 1})], replicates=4)
+    exp = Experiment(
+        lambda ctx: [1], Pipeline([step]), plugins=[backend()], treatments=[Treatment("t", {"k": 1})], replicates=4
+    )
     result = exp.run()
     assert (step.setups, step.teardowns, step.calls) == (1, 1, 8)
     # every run saw the step set up and not yet torn down
@@ -473,8 +479,14 @@ def read_stamp(data, ctx):
 
 def test_plugin_hook_order_under_serial():
     rec = Recorder()
-    exp = Experiment(lambda ctx: [1], Pipeline([read_stamp()]), plugins=[rec],
-                     treatments=[Treatment("tt", {"k": 1})], replicates=2, name="hooks")
+    exp = Experiment(
+        lambda ctx: [1],
+        Pipeline([read_stamp()]),
+        plugins=[rec],
+        treatments=[Treatment("tt", {"k": 1})],
+        replicates=2,
+        name="hooks",
+    )
     result = exp.run()
     expected = [("before_run", "hooks")]
     for r in range(2):
@@ -489,9 +501,13 @@ def test_plugin_hook_order_under_serial():
 
 def test_replicate_hooks_run_in_process_workers_and_their_ctx_effects_come_back():
     rec = Recorder()
-    exp = Experiment(lambda ctx: [1], Pipeline([read_stamp()]),
-                     plugins=[rec, ParallelExecution(max_workers=2, executor_type="process")],
-                     replicates=3, name="hooks")
+    exp = Experiment(
+        lambda ctx: [1],
+        Pipeline([read_stamp()]),
+        plugins=[rec, ParallelExecution(max_workers=2, executor_type="process")],
+        replicates=3,
+        name="hooks",
+    )
     result = exp.run()
     assert result.errors == []
     assert result.metrics.baseline.metrics == {"stamp_len": [10, 10, 10], "seen_by_after": [1, 1, 1]}
@@ -506,8 +522,9 @@ class BrokenAfterReplicate(BasePlugin):
 
 
 def test_failing_after_replicate_hook_is_recorded_as_run_error():
-    result = Experiment(lambda ctx: [1], Pipeline([record_total()]),
-                        plugins=[BrokenAfterReplicate()], replicates=2).run()
+    result = Experiment(
+        lambda ctx: [1], Pipeline([record_total()]), plugins=[BrokenAfterReplicate()], replicates=2
+    ).run()
     assert len(result.errors) == 2
     assert result.errors[0].step == "plugin BrokenAfterReplicate.after_replicate"
     assert result.errors[0].message == "after hook broke"
@@ -515,8 +532,13 @@ def test_failing_after_replicate_hook_is_recorded_as_run_error():
 
 def test_logging_plugin_logs_start_and_finish(caplog):
     caplog.set_level(logging.INFO, logger="crystallize")
-    exp = Experiment(lambda ctx: [1], Pipeline([fail_on(bad_replicate=2)]),
-                     plugins=[LoggingPlugin(verbose=True)], replicates=3, name="logged")
+    exp = Experiment(
+        lambda ctx: [1],
+        Pipeline([fail_on(bad_replicate=2)]),
+        plugins=[LoggingPlugin(verbose=True)],
+        replicates=3,
+        name="logged",
+    )
     exp.run()
     messages = [r.getMessage() for r in caplog.records]
     assert messages[0] == "Experiment 'logged' starting"
@@ -529,8 +551,7 @@ def test_logging_plugin_logs_start_and_finish(caplog):
 
 def test_logging_plugin_quiet_by_default_per_run(caplog):
     caplog.set_level(logging.INFO, logger="crystallize")
-    Experiment(lambda ctx: [1], Pipeline([record_total()]), plugins=[LoggingPlugin()],
-               replicates=3, name="quiet").run()
+    Experiment(lambda ctx: [1], Pipeline([record_total()]), plugins=[LoggingPlugin()], replicates=3, name="quiet").run()
     messages = [r.getMessage() for r in caplog.records if r.name == "crystallize.experiment"]
     assert messages == ["Experiment 'quiet' starting", "Experiment 'quiet' finished: 3 runs, 0 failed"]
 

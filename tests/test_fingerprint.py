@@ -42,12 +42,15 @@ def load(tmp_path, monkeypatch):
 
 
 def test_rebinding_a_module_constant_changes_the_fingerprint(load):
-    mod = load("fp_const", """
+    mod = load(
+        "fp_const",
+        """
         FACTOR = 2
 
         def step(data):
             return [x * FACTOR for x in data]
-    """)
+    """,
+    )
     first = code_fingerprint(mod.step)
     assert code_fingerprint(mod.step) == first
     mod.FACTOR = 3
@@ -57,7 +60,9 @@ def test_rebinding_a_module_constant_changes_the_fingerprint(load):
 
 
 def test_mutating_a_module_level_list_a_helper_reads_changes_the_fingerprint(load):
-    mod = load("fp_list", """
+    mod = load(
+        "fp_list",
+        """
         LIMITS = [1, 2]
 
         def helper(x):
@@ -65,7 +70,8 @@ def test_mutating_a_module_level_list_a_helper_reads_changes_the_fingerprint(loa
 
         def step(data):
             return [helper(x) for x in data]
-    """)
+    """,
+    )
     first = code_fingerprint(mod.step)
     mod.LIMITS.append(3)
     assert code_fingerprint(mod.step) != first
@@ -74,7 +80,9 @@ def test_mutating_a_module_level_list_a_helper_reads_changes_the_fingerprint(loa
 
 
 def test_object_constants_count_by_content(load):
-    mod = load("fp_objects", """
+    mod = load(
+        "fp_objects",
+        """
         import dataclasses
         import types
 
@@ -87,7 +95,8 @@ def test_object_constants_count_by_content(load):
 
         def step(data):
             return [x * CONFIG.lr + OPTIONS.depth for x in data]
-    """)
+    """,
+    )
     first = code_fingerprint(mod.step)
     mod.CONFIG.lr = 0.2
     second = code_fingerprint(mod.step)
@@ -97,12 +106,15 @@ def test_object_constants_count_by_content(load):
 
 
 def test_values_in_closures_and_defaults_are_read_again(load):
-    mod = load("fp_closure", """
+    mod = load(
+        "fp_closure",
+        """
         def make(weights):
             def step(data, *, offset=[0]):
                 return [x * weights[0] + offset[0] for x in data]
             return step
-    """)
+    """,
+    )
     weights = [1]
     step = mod.make(weights)
     first = code_fingerprint(step)
@@ -114,13 +126,17 @@ def test_values_in_closures_and_defaults_are_read_again(load):
 
 
 def test_helpers_reached_through_another_module_are_read_again(load):
-    mod = load("fp_uses_helpers", """
+    mod = load(
+        "fp_uses_helpers",
+        """
         import fp_helpers
         from fp_helpers import double
 
         def step(data):
             return [fp_helpers.shift(double(x)) for x in data]
-    """, also={"fp_helpers": """
+    """,
+        also={
+            "fp_helpers": """
         OFFSET = 1
 
         def double(x):
@@ -128,14 +144,18 @@ def test_helpers_reached_through_another_module_are_read_again(load):
 
         def shift(x):
             return x + OFFSET
-    """})
+    """
+        },
+    )
     first = code_fingerprint(mod.step)
     sys.modules["fp_helpers"].OFFSET = 2  # read by fp_helpers.shift, an attribute chain
     assert code_fingerprint(mod.step) != first
 
 
 def test_an_unhashable_constant_is_named_not_fatal(load):
-    mod = load("fp_lock", """
+    mod = load(
+        "fp_lock",
+        """
         import threading
 
         LOCK = threading.Lock()
@@ -143,14 +163,17 @@ def test_an_unhashable_constant_is_named_not_fatal(load):
         def step(data):
             with LOCK:
                 return data
-    """)
+    """,
+    )
     assert code_fingerprint(mod.step) == code_fingerprint(mod.step)
     mod.LOCK = threading.Lock()  # another lock of the same type: same marker
     assert code_fingerprint(mod.step) == code_fingerprint(mod.step)
 
 
 def test_a_value_that_breaks_on_inspection_gives_a_stable_marker(load):
-    mod = load("fp_hostile", """
+    mod = load(
+        "fp_hostile",
+        """
         class Hostile:
             def __getattr__(self, name):
                 raise RuntimeError("no attributes here")
@@ -162,7 +185,8 @@ def test_a_value_that_breaks_on_inspection_gives_a_stable_marker(load):
 
         def step(data):
             return THING, data
-    """)
+    """,
+    )
     assert code_fingerprint(mod.step) == code_fingerprint(mod.step)
 
 
@@ -170,16 +194,21 @@ def test_a_value_that_breaks_on_inspection_gives_a_stable_marker(load):
 
 
 def test_two_lambdas_on_one_line_differ(load):
-    mod = load("fp_lambdas", """
+    mod = load(
+        "fp_lambdas",
+        """
         add, mul = (lambda d: d + 1), (lambda d: d * 2)
         same_a, same_b = (lambda d: d + 1), (lambda d: d + 1)
-    """)
+    """,
+    )
     assert code_fingerprint(mod.add) != code_fingerprint(mod.mul)
     assert code_fingerprint(mod.same_a) == code_fingerprint(mod.same_b)
 
 
 def test_a_class_redefined_under_the_same_name_differs_from_the_first(load):
-    mod = load("fp_redefined", """
+    mod = load(
+        "fp_redefined",
+        """
         class Step:
             def __call__(self, data, ctx):
                 return data + 1
@@ -189,13 +218,16 @@ def test_a_class_redefined_under_the_same_name_differs_from_the_first(load):
         class Step:
             def __call__(self, data, ctx):
                 return data + 2
-    """)
+    """,
+    )
     assert mod.FIRST.__qualname__ == mod.Step.__qualname__
     assert code_fingerprint(mod.FIRST) != code_fingerprint(mod.Step)
 
 
 def test_classes_from_one_factory_differ_by_what_their_methods_captured(load):
-    mod = load("fp_factory", """
+    mod = load(
+        "fp_factory",
+        """
         from crystallize import PipelineStep
 
         def make_cls(k):
@@ -203,13 +235,16 @@ def test_classes_from_one_factory_differ_by_what_their_methods_captured(load):
                 def __call__(self, data, ctx):
                     return data * k
             return Scaled
-    """)
+    """,
+    )
     assert code_fingerprint(mod.make_cls(1)) != code_fingerprint(mod.make_cls(2))
     assert code_fingerprint(mod.make_cls(1)) == code_fingerprint(mod.make_cls(1))
 
 
 def test_class_attributes_and_base_classes_are_part_of_a_class(load):
-    mod = load("fp_bases", """
+    mod = load(
+        "fp_bases",
+        """
         from crystallize import PipelineStep
 
         class Base(PipelineStep):
@@ -231,7 +266,8 @@ def test_class_attributes_and_base_classes_are_part_of_a_class(load):
 
             def __call__(self, data, ctx):
                 return self.transform(data) * self.scale
-    """)
+    """,
+    )
     first = code_fingerprint(mod.Step)
     mod.Step.scale = 3
     assert code_fingerprint(mod.Step) != first
@@ -243,7 +279,9 @@ def test_class_attributes_and_base_classes_are_part_of_a_class(load):
 
 
 def test_a_function_default_is_followed_as_code(load):
-    mod = load("fp_default", """
+    mod = load(
+        "fp_default",
+        """
         def plus(x):
             return x + 1
 
@@ -252,7 +290,8 @@ def test_a_function_default_is_followed_as_code(load):
 
         def step(data, *, fn=plus):
             return [fn(x) for x in data]
-    """)
+    """,
+    )
     first = code_fingerprint(mod.step)
     mod.step.__kwdefaults__["fn"] = mod.minus
     assert code_fingerprint(mod.step) != first
@@ -261,10 +300,13 @@ def test_a_function_default_is_followed_as_code(load):
 def test_the_loaded_code_counts_not_the_file_edited_after_import(load, tmp_path):
     # The fingerprint is of the code that runs: an edit on disk that was never
     # imported changes nothing, and the source is not read again on each call.
-    mod = load("fp_loaded", """
+    mod = load(
+        "fp_loaded",
+        """
         def step(data):
             return data
-    """)
+    """,
+    )
     first = code_fingerprint(mod.step)
     (tmp_path / "fp_loaded.py").write_text("def step(data):\n    return None\n")
     assert code_fingerprint(mod.step) == first

@@ -56,7 +56,11 @@ class Project:
         )
         done = subprocess.run(
             [sys.executable, str(self.driver), str(self.src), module, attr],
-            env=env, capture_output=True, text=True, timeout=60, check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         assert done.returncode == 0, done.stderr
         return done.stdout.strip()
@@ -197,8 +201,14 @@ def test_editing_code_the_step_never_reaches_changes_nothing(project):
         ("ClassStep", "bases", "cacheable = True", "cacheable = True\n    window = 3"),
     ],
     ids=[
-        "sibling-module-helper", "imported-helper", "dataclass-constant", "decorator-wraps",
-        "decorator-plain", "decorated-function", "default-arg-helper", "base-class-method",
+        "sibling-module-helper",
+        "imported-helper",
+        "dataclass-constant",
+        "decorator-wraps",
+        "decorator-plain",
+        "decorated-function",
+        "default-arg-helper",
+        "base-class-method",
         "base-class-attribute",
     ],
 )

@@ -394,7 +394,7 @@ def test_functions_and_classes_are_hashed_by_qualified_name():
 @pytest.mark.parametrize(
     "make, kind",
     [
-        (lambda: (lambda x: x), "builtins.function"),
+        (lambda: lambda x: x, "builtins.function"),
         (lambda: threading.Lock(), "_thread.lock"),
         (lambda: (i for i in range(3)), "builtins.generator"),
         (lambda: open(__file__), "_io.TextIOWrapper"),
@@ -506,7 +506,11 @@ def test_golden_struct_digest():
 def test_golden_digests_hold_in_fresh_processes_under_any_hash_seed(seed):
     script = Path(__file__).with_name("_golden_values.py")
     done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False,
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
         env={**os.environ, "PYTHONHASHSEED": seed},
     )
     assert done.returncode == 0, done.stderr

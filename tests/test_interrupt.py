@@ -73,8 +73,9 @@ def test_keyboard_interrupt_from_a_step_stops_serial_run_with_the_finished_runs(
 
 @pytest.mark.parametrize("backend", LOCAL[1:])
 def test_keyboard_interrupt_from_a_step_stops_every_local_backend(backend):
-    exp = Experiment(lambda ctx: None, Pipeline([interrupt_on(on=3, seconds=0.05)]), plugins=[backend()],
-                     replicates=12, cache=False)
+    exp = Experiment(
+        lambda ctx: None, Pipeline([interrupt_on(on=3, seconds=0.05)]), plugins=[backend()], replicates=12, cache=False
+    )
     with pytest.raises(KeyboardInterrupt) as info:
         exp.run()
     partial = info.value.partial_result
@@ -136,8 +137,9 @@ def test_ctrl_c_in_a_result_hook_keeps_the_runs_that_finish_while_stopping(reque
     release = str(tmp_path / "release")
     step = astaggered if request.node.callspec.id == "async" else staggered
     hook = InterruptOnFirstResult()
-    exp = Experiment(lambda ctx: None, Pipeline([step(release=release)]), plugins=[hook, backend()],
-                     replicates=20, cache=False)
+    exp = Experiment(
+        lambda ctx: None, Pipeline([step(release=release)]), plugins=[hook, backend()], replicates=20, cache=False
+    )
     started = time.monotonic()
     try:
         with pytest.raises(KeyboardInterrupt) as info:
@@ -178,8 +180,13 @@ def test_ctrl_c_under_asyncio_run_cancels_arun_and_keeps_the_finished_runs(tmp_p
     # KeyboardInterrupt itself; the cancelled arun() carries the partial result.
     release = str(tmp_path / "release")
     step = astaggered if backend().__class__ is AsyncExecution else staggered
-    exp = Experiment(lambda ctx: None, Pipeline([step(release=release)]),
-                     plugins=[SigintOnFirstResult(), backend()], replicates=20, cache=False)
+    exp = Experiment(
+        lambda ctx: None,
+        Pipeline([step(release=release)]),
+        plugins=[SigintOnFirstResult(), backend()],
+        replicates=20,
+        cache=False,
+    )
     started = time.monotonic()
     try:
         with pytest.raises(KeyboardInterrupt) as info:
@@ -220,8 +227,14 @@ def _interrupt(backend: str, out: Path, *, signals: int = 1, group: bool = False
     """
     stdout, stderr = out / "stdout.txt", out / "stderr.txt"
     with open(stdout, "w") as so, open(stderr, "w") as se:
-        proc = subprocess.Popen([sys.executable, str(SCRIPT), backend, str(out)], cwd=ROOT, stdout=so,
-                                stderr=se, start_new_session=True, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(
+            [sys.executable, str(SCRIPT), backend, str(out)],
+            cwd=ROOT,
+            stdout=so,
+            stderr=se,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
     try:
         deadline = time.monotonic() + 60
         while _lines(out / "finished.txt") < 2:
@@ -250,8 +263,14 @@ def _interrupt(backend: str, out: Path, *, signals: int = 1, group: bool = False
     report: dict = {}
     for line in stdout.read_text().splitlines():
         report.update(json.loads(line))
-    report.update(finished_before=finished_before, children=children, reported_after=reported_after,
-                  exited_after=exited_after, stderr=stderr.read_text(), returncode=proc.returncode)
+    report.update(
+        finished_before=finished_before,
+        children=children,
+        reported_after=reported_after,
+        exited_after=exited_after,
+        stderr=stderr.read_text(),
+        returncode=proc.returncode,
+    )
     return report
 
 

@@ -71,15 +71,28 @@ def by_gain(result):
     return -result["gain"]
 
 
-def _experiment(tmp_path: Path, seed: int | None = 7, *, stop_at: int | None = None, fail_at: int | None = None,
-                journal: bool | Path | None = None, **params) -> Experiment:
+def _experiment(
+    tmp_path: Path,
+    seed: int | None = 7,
+    *,
+    stop_at: int | None = None,
+    fail_at: int | None = None,
+    journal: bool | Path | None = None,
+    **params,
+) -> Experiment:
     for name, value in (("stop", stop_at), ("fail", fail_at)):
         steer = tmp_path / f"log.txt.{name}"
         steer.write_text(str(value)) if value is not None else steer.unlink(missing_ok=True)
-    return Experiment(_source, [counted(log=str(tmp_path / "log.txt"), **params)],
-                      plugins=[SeedPlugin(seed=seed)], treatments=[Treatment("t", {"shift": 1.0})],
-                      hypotheses=[by_gain], replicates=6, name="grid",
-                      journal=tmp_path / "journal" if journal is None else journal)
+    return Experiment(
+        _source,
+        [counted(log=str(tmp_path / "log.txt"), **params)],
+        plugins=[SeedPlugin(seed=seed)],
+        treatments=[Treatment("t", {"shift": 1.0})],
+        hypotheses=[by_gain],
+        replicates=6,
+        name="grid",
+        journal=tmp_path / "journal" if journal is None else journal,
+    )
 
 
 def _source(ctx):
@@ -95,8 +108,9 @@ def _same(a, b) -> None:
     assert a.metrics.baseline.metrics == b.metrics.baseline.metrics
     assert a.metrics.treatments["t"].metrics == b.metrics.treatments["t"].metrics
     assert [(r.replicate, r.condition, r.seed) for r in a.runs] == [(r.replicate, r.condition, r.seed) for r in b.runs]
-    assert [(h.name, h.results, h.ranking) for h in a.metrics.hypotheses] == \
-        [(h.name, h.results, h.ranking) for h in b.metrics.hypotheses]
+    assert [(h.name, h.results, h.ranking) for h in a.metrics.hypotheses] == [
+        (h.name, h.results, h.ranking) for h in b.metrics.hypotheses
+    ]
 
 
 def test_resume_after_ctrl_c_runs_only_the_missing_runs_and_equals_an_uninterrupted_run(tmp_path):
@@ -105,7 +119,7 @@ def test_resume_after_ctrl_c_runs_only_the_missing_runs_and_equals_an_uninterrup
     first = _executions(tmp_path)
     assert len(info.value.partial_result.runs) == len(first) == 6  # replicates 0-2, both conditions
     result = _experiment(tmp_path).run(resume=True)
-    second = _executions(tmp_path)[len(first):]
+    second = _executions(tmp_path)[len(first) :]
     assert sorted(second) == [(r, c) for r in range(3, 6) for c in ("baseline", "t")]  # each once
     assert result.provenance["resumed"] == 6 and result.errors == []
     (tmp_path / "log.txt").unlink()
@@ -142,8 +156,11 @@ def test_a_changed_experiment_never_resumes_from_a_stale_journal(tmp_path):
     _experiment(tmp_path).run()
     changed = _experiment(tmp_path)
     changed.initial_ctx = {"threshold": 0.5}
-    with pytest.warns(UserWarning, match=r"Experiment 'grid' changed since its journal .* was written "
-                                         r"\(initial_ctx changed\), so its 12 journaled run\(s\) are not reused"):
+    with pytest.warns(
+        UserWarning,
+        match=r"Experiment 'grid' changed since its journal .* was written "
+        r"\(initial_ctx changed\), so its 12 journaled run\(s\) are not reused",
+    ):
         result = changed.run(resume=True)
     assert result.provenance["resumed"] == 0 and len(_executions(tmp_path)) == 24
     # The stale journal was replaced, not kept beside the new one.
@@ -173,8 +190,8 @@ def test_a_torn_last_line_is_ignored_and_cut_and_a_damaged_line_reruns_its_run(t
     _experiment(tmp_path).run()
     path = next((tmp_path / "journal").glob("grid-*.jsonl"))
     lines = path.read_text().splitlines(keepends=True)
-    lines[3] = '{"record": 1, "replicate": garbage\n'        # damaged in the middle
-    lines[-1] = lines[-1][: len(lines[-1]) // 2]              # torn: the driver died mid-write
+    lines[3] = '{"record": 1, "replicate": garbage\n'  # damaged in the middle
+    lines[-1] = lines[-1][: len(lines[-1]) // 2]  # torn: the driver died mid-write
     path.write_text("".join(lines))
     before = len(_executions(tmp_path))
     result = _experiment(tmp_path).run(resume=True)
@@ -237,8 +254,9 @@ UNWRITABLE = textwrap.dedent("""
 def test_a_journal_that_cannot_be_written_warns_once_and_costs_no_run(tmp_path):
     script = tmp_path / "unwritable.py"
     script.write_text(UNWRITABLE)
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "journal")], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "journal")], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert proc.returncode == 0, proc.stderr
     assert "RESULT 400 0 True" in proc.stdout
     assert proc.stderr.count("cannot be used") == 1, proc.stderr
@@ -259,13 +277,21 @@ def test_a_second_driver_of_the_same_experiment_keeps_no_journal(tmp_path, caplo
     exp = _experiment(tmp_path)
     exp.run()
     path = next((tmp_path / "journal").glob("grid-*.jsonl"))
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import fcntl, os, sys, time
         fd = os.open({str(path)!r}, os.O_RDWR)
         fcntl.lockf(fd, fcntl.LOCK_EX)
         print("locked", flush=True)
         time.sleep(60)
-    """)], stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         size = path.stat().st_size
@@ -318,8 +344,7 @@ def test_kill_9_of_the_driver_then_resume_loses_at_most_the_last_second(tmp_path
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     args = [sys.executable, str(DRIVER), backend, str(tmp_path)]
     with open(tmp_path / "first.err", "w") as err:
-        proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
         while len(_finished(tmp_path)) < 24:  # 60 runs of 0.1 s on two workers: kill at ~40 %
@@ -349,7 +374,7 @@ def test_kill_9_of_the_driver_then_resume_loses_at_most_the_last_second(tmp_path
     done = subprocess.run(args + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
-    second = _finished(tmp_path)[len(first):]
+    second = _finished(tmp_path)[len(first) :]
 
     every = sorted([r, c] for r in range(30) for c in ("baseline", "shifted"))
     assert report["runs"] == every and report["errors"] == []
@@ -361,21 +386,25 @@ def test_kill_9_of_the_driver_then_resume_loses_at_most_the_last_second(tmp_path
     # it finished in the last commit interval (plus scheduling slack) before the kill,
     # or it was in flight when the driver died and finished in an orphaned worker.
     window = COMMIT_SECONDS + 1.0
-    late = [(key, round(killed_at - finished_first[key], 2)) for key in again
-            if finished_first[key] < killed_at - window]
+    late = [
+        (key, round(killed_at - finished_first[key], 2)) for key in again if finished_first[key] < killed_at - window
+    ]
     assert late == [], f"runs journaled long before the kill ran again: {late}"
     assert len(again) <= 12, again
     # Every run not finished before the kill ran exactly once afterwards.
     assert sorted((r, c) for r, c, _ in second if (r, c) not in finished_first) == sorted(
-        {(r, c) for r in range(30) for c in ("baseline", "shifted")} - set(finished_first))
+        {(r, c) for r in range(30) for c in ("baseline", "shifted")} - set(finished_first)
+    )
     assert len(set((r, c) for r, c, _ in second)) == len(second)
 
     # The resumed result equals an uninterrupted run with the journal's (drawn) seed.
     header = json.loads(Path(report["journal"]).read_text().splitlines()[0])
     assert report["seed"] == header["seed"] is not None
     reference = _driver_module().build(header["seed"], out="", sleep=0.0).run()
-    assert report["metrics"] == {"baseline": reference.metrics.baseline.metrics,
-                                 "shifted": reference.metrics.treatments["shifted"].metrics}
+    assert report["metrics"] == {
+        "baseline": reference.metrics.baseline.metrics,
+        "shifted": reference.metrics.treatments["shifted"].metrics,
+    }
     assert report["seeds"] == sorted([r.replicate, r.condition, r.seed] for r in reference.runs)
     assert report["hypothesis"] == reference.get_hypothesis("shift_helps").results
 

@@ -38,10 +38,13 @@ def higher(baseline, treatment, *, metric="accuracy"):
 
 
 def _result():
-    exp = Experiment(lambda ctx: None, [measure()], name="lr-sweep",
-                     treatments=[Treatment("lr=0.2", {"lr": 0.2}), Treatment("lr=0.3", {"lr": 0.3})],
-                     hypotheses=[hypothesis(verifier=higher(), metrics="accuracy", name="faster")(
-                         lambda r: -r["gain"])])
+    exp = Experiment(
+        lambda ctx: None,
+        [measure()],
+        name="lr-sweep",
+        treatments=[Treatment("lr=0.2", {"lr": 0.2}), Treatment("lr=0.3", {"lr": 0.3})],
+        hypotheses=[hypothesis(verifier=higher(), metrics="accuracy", name="faster")(lambda r: -r["gain"])],
+    )
     return exp.run(replicates=4)
 
 
@@ -116,7 +119,9 @@ def test_saving_needs_no_display_and_leaves_pyplot_alone(tmp_path):
         assert plt.get_fignums() == [], "the figure was registered with pyplot"
         print("ok")
     """)
-    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
     assert _png_size(tmp_path / "headless.png")[0] > 0

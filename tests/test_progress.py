@@ -29,8 +29,11 @@ def test_a_log_gets_a_start_line_and_a_final_line_between_periodic_lines():
     lines = _lines(out)
     assert len(lines) == 2, lines
     assert re.fullmatch(STAMP + r" crystallize grid: started, 5 runs planned", lines[0])
-    assert re.fullmatch(STAMP + r" crystallize grid: \[#{24}\] 5/5 runs \(100%\), 1 failed, "
-                                r"finished in [\d.]+s \([\d.,]+ runs/s\)", lines[1])
+    assert re.fullmatch(
+        STAMP + r" crystallize grid: \[#{24}\] 5/5 runs \(100%\), 1 failed, "
+        r"finished in [\d.]+s \([\d.,]+ runs/s\)",
+        lines[1],
+    )
     assert "\r" not in out.getvalue() and "\x1b" not in out.getvalue()
 
 
@@ -144,9 +147,9 @@ def test_a_real_terminal_gets_one_line_redrawn_in_place():
     assert len(redraws) >= 3, repr(output)
     assert redraws[0].startswith("tty: [########................] 1/3 runs ( 33%)")
     assert re.search(r"tty: \[#{24}\] 3/3 runs \(100%\), 0 failed, finished in", output)
-    assert "\x1b[K" in output                        # each redraw clears what a longer line left
+    assert "\x1b[K" in output  # each redraw clears what a longer line left
     assert output.endswith(("\r\n", "\n"))  # the terminal's line is finished
-    assert "started" not in output                   # log lines are for logs only
+    assert "started" not in output  # log lines are for logs only
 
 
 @pipeline_step()

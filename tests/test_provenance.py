@@ -35,8 +35,12 @@ needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not i
 
 
 def _git(folder, *args):
-    return subprocess.run(["git", "-C", str(folder), "-c", "user.email=t@example.com", "-c", "user.name=t",
-                           *args], check=True, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-C", str(folder), "-c", "user.email=t@example.com", "-c", "user.name=t", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
 
 
 def _user_module(folder, name):
@@ -134,7 +138,9 @@ def test_ray_version_is_read_without_importing_ray(tmp_path):
         prov = Experiment(lambda ctx: 0, [one()]).run().provenance
         print(json.dumps({"ray_imported": "ray" in sys.modules, "ray": prov["versions"].get("ray")}))
     """)
-    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.splitlines()[-1])
     assert out == {"ray_imported": False, "ray": importlib.metadata.version("ray")}
@@ -154,12 +160,23 @@ def test_saved_results_carry_their_provenance(tmp_path):
 def test_treatment_parameters_are_dataframe_columns(tmp_path):
     pytest.importorskip("pandas")
     module = _user_module(tmp_path / "params", "user_exp_params")
-    exp = Experiment(module.source, [module.measure()], name="grid", initial_ctx={"C": 1.0},
-                     treatments=[Treatment("C=10", {"C": 10.0}), Treatment("tagged", {"tag": "x"}),
-                                 Treatment("by-fn", lambda ctx: ctx.add("C", 5.0))])
+    exp = Experiment(
+        module.source,
+        [module.measure()],
+        name="grid",
+        initial_ctx={"C": 1.0},
+        treatments=[
+            Treatment("C=10", {"C": 10.0}),
+            Treatment("tagged", {"tag": "x"}),
+            Treatment("by-fn", lambda ctx: ctx.add("C", 5.0)),
+        ],
+    )
     result = exp.run(replicates=2)
-    assert result.treatment_params == {"baseline": {"C": 1.0, "tag": None}, "C=10": {"C": 10.0, "tag": None},
-                                       "tagged": {"C": 1.0, "tag": "x"}}
+    assert result.treatment_params == {
+        "baseline": {"C": 1.0, "tag": None},
+        "C=10": {"C": 10.0, "tag": None},
+        "tagged": {"C": 1.0, "tag": "x"},
+    }
     df = result.to_dataframe()
     assert list(df.columns)[-2:] == ["C", "tag"]
     score = df[df.metric == "score"]

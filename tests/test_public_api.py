@@ -104,8 +104,14 @@ def test_star_import_gives_exactly_all():
 
 
 def test_errors_share_one_root():
-    for name in ("ContextMutationError", "ParameterError", "MissingParameterError",
-                 "UnknownParameterError", "PipelineError", "StepError"):
+    for name in (
+        "ContextMutationError",
+        "ParameterError",
+        "MissingParameterError",
+        "UnknownParameterError",
+        "PipelineError",
+        "StepError",
+    ):
         assert issubclass(getattr(crystallize, name), crystallize.CrystallizeError), name
     assert issubclass(crystallize.UnknownParameterError, TypeError)
 

@@ -57,7 +57,7 @@ def test_embedded_ray_is_started_and_shut_down_by_the_run(tmp_path):
         "exp = Experiment(datasource=lambda ctx: 0, pipeline=Pipeline([one()]),\n"
         "                 plugins=[RayExecution(init_kwargs={'address': 'local', 'num_cpus': 2})])\n"
         "r = exp.run(replicates=3)\n"
-        "print('{\"metrics\": %s, \"initialized_after\": %s}' % (\n"
+        'print(\'{"metrics": %s, "initialized_after": %s}\' % (\n'
         "    r.metrics.baseline.metrics['x'], str(ray.is_initialized()).lower()))\n"
     )
     script = tmp_path / "embedded.py"

@@ -139,19 +139,22 @@ def test_uses_the_running_ray_and_leaves_it_running_across_two_runs(ray_session,
 
 def test_each_run_executes_exactly_once_in_a_worker_process(ray_session, tmp_path):
     log = str(tmp_path / "calls.log")
-    result = _experiment(log_call(log=log), plugins=[RayExecution()],
-                         treatments=[Treatment("t", {"x": 1})]).run(replicates=5)
+    result = _experiment(log_call(log=log), plugins=[RayExecution()], treatments=[Treatment("t", {"x": 1})]).run(
+        replicates=5
+    )
     lines = Path(log).read_text().splitlines()
     assert sorted(line.rsplit(" ", 1)[0] for line in lines) == sorted(
-        f"{r} {c}" for r in range(5) for c in ("baseline", "t"))
+        f"{r} {c}" for r in range(5) for c in ("baseline", "t")
+    )
     assert os.getpid() not in {int(line.rsplit(" ", 1)[1]) for line in lines}
     assert len(result.runs) == 10 and result.errors == []
 
 
 def test_a_worker_killed_mid_run_is_retried_and_nothing_is_lost(ray_session, tmp_path):
     marker = str(tmp_path / "crashed")
-    result = _experiment(crash_once(marker=marker), draw(),
-                         plugins=[SeedPlugin(seed=3), RayExecution(batch_size=1)]).run(replicates=5)
+    result = _experiment(
+        crash_once(marker=marker), draw(), plugins=[SeedPlugin(seed=3), RayExecution(batch_size=1)]
+    ).run(replicates=5)
     assert os.path.exists(marker), "the step never killed its worker"
     assert result.errors == []
     assert sorted(r.replicate for r in result.runs) == [0, 1, 2, 3, 4]
@@ -159,8 +162,9 @@ def test_a_worker_killed_mid_run_is_retried_and_nothing_is_lost(ray_session, tmp
 
 
 def test_a_run_that_keeps_killing_its_worker_is_recorded_and_the_others_finish(ray_session):
-    result = _experiment(always_crash(target=1), draw(),
-                         plugins=[SeedPlugin(seed=3), RayExecution(max_retries=1)]).run(replicates=4)
+    result = _experiment(always_crash(target=1), draw(), plugins=[SeedPlugin(seed=3), RayExecution(max_retries=1)]).run(
+        replicates=4
+    )
     assert [(e.replicate, e.step, e.type) for e in result.errors] == [(1, "worker", "WorkerCrashedError")]
     assert "died" in result.errors[0].message
     assert sorted(r.replicate for r in result.runs) == [0, 1, 2, 3]
@@ -235,8 +239,7 @@ def expensive(data, ctx: FrozenContext, *, log: str, factor: float = 1.0):
 def test_cache_on_ray_reuses_outputs_and_replays_metrics(ray_session, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     log = str(tmp_path / "calls.log")
-    exp = _experiment(expensive(log=log), plugins=[RayExecution()],
-                      treatments=[Treatment("double", {"factor": 2.0})])
+    exp = _experiment(expensive(log=log), plugins=[RayExecution()], treatments=[Treatment("double", {"factor": 2.0})])
     first = exp.run(replicates=2)
     assert Path(log).read_text().count("computed") == 2  # one per condition: same input
     second = exp.run(replicates=2)

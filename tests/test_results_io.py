@@ -45,10 +45,10 @@ np = pytest.importorskip("numpy")
 @pipeline_step()
 def measure(data, ctx, *, C=1.0):
     r = ctx["replicate"]
-    ctx.metrics.add("score", np.float64(C * 10 + r))       # a numpy scalar
+    ctx.metrics.add("score", np.float64(C * 10 + r))  # a numpy scalar
     ctx.metrics.add("count", np.int64(r))
-    ctx.metrics.add("label", f"r{r}")                        # not a number
-    ctx.metrics.add("shape", (r, C))                          # a tuple
+    ctx.metrics.add("label", f"r{r}")  # not a number
+    ctx.metrics.add("shape", (r, C))  # a tuple
     ctx.metrics.add("odd", float("nan") if r == 0 else math.inf)
     Artifact("notes/run.txt").write(f"replicate {r}, C={C}")
     return data
@@ -88,8 +88,9 @@ def assert_same_result(a: Result, b: Result) -> None:
     assert _canon(a.provenance) == _canon(b.provenance)
     assert _canon(a.treatment_params) == _canon(b.treatment_params)
     assert _canon(a.metrics.baseline.metrics) == _canon(b.metrics.baseline.metrics)
-    assert _canon({k: v.metrics for k, v in a.metrics.treatments.items()}) == \
-        _canon({k: v.metrics for k, v in b.metrics.treatments.items()})
+    assert _canon({k: v.metrics for k, v in a.metrics.treatments.items()}) == _canon(
+        {k: v.metrics for k, v in b.metrics.treatments.items()}
+    )
     assert _canon([vars(h) for h in a.metrics.hypotheses]) == _canon([vars(h) for h in b.metrics.hypotheses])
     assert a.errors == b.errors
     assert a.summary() == b.summary()
@@ -128,7 +129,7 @@ def test_a_saved_result_loads_equal_in_every_field(tmp_path):
     assert loaded.run(1, "C=10").seed == result.run(1, "C=10").seed is not None
     assert loaded.run(0).artifacts[0].data == b"replicate 0, C=1.0"
     assert loaded.run(1).metrics["shape"] == [(1, 1.0)]
-    assert type(loaded.run(1).metrics["score"][0]) is float      # numpy scalars come back as Python
+    assert type(loaded.run(1).metrics["score"][0]) is float  # numpy scalars come back as Python
     assert loaded.get_hypothesis("gain").ranking == ["C=10", "C=0.1"]
     assert loaded.provenance.get("git") == result.provenance.get("git")
     assert loaded.treatment_params == {"baseline": {"C": 1.0}, "C=10": {"C": 10.0}, "C=0.1": {"C": 0.1}}
@@ -136,19 +137,57 @@ def test_a_saved_result_loads_equal_in_every_field(tmp_path):
 
 def test_every_run_field_round_trips_including_odd_ones(tmp_path):
     runs = [
-        RunResult(0, "baseline", {"x": [1, 2.5, None, True, b"\x00\xff", {"k": (1, 2)}, {3: "int key"},
-                                        {"$ref": "a dollar key"}, {1, 2}, frozenset({"a"}), 1 + 2j,
-                                        -math.inf, 10**30]},
-                  seed=12, seconds=0.125, attempts=3,
-                  provenance=[StepRecord("s", 0, {"lr": 0.1, "layers": (64, 32)}, "ab" * 16, "cd" * 16,
-                                         "miss", ("lr", "seed"), ("norm",), 0.5), "a note"],
-                  artifact_errors=["replicate 0, condition 'baseline': artifact 'a' could not be written"]),
+        RunResult(
+            0,
+            "baseline",
+            {
+                "x": [
+                    1,
+                    2.5,
+                    None,
+                    True,
+                    b"\x00\xff",
+                    {"k": (1, 2)},
+                    {3: "int key"},
+                    {"$ref": "a dollar key"},
+                    {1, 2},
+                    frozenset({"a"}),
+                    1 + 2j,
+                    -math.inf,
+                    10**30,
+                ]
+            },
+            seed=12,
+            seconds=0.125,
+            attempts=3,
+            provenance=[
+                StepRecord(
+                    "s",
+                    0,
+                    {"lr": 0.1, "layers": (64, 32)},
+                    "ab" * 16,
+                    "cd" * 16,
+                    "miss",
+                    ("lr", "seed"),
+                    ("norm",),
+                    0.5,
+                ),
+                "a note",
+            ],
+            artifact_errors=["replicate 0, condition 'baseline': artifact 'a' could not be written"],
+        ),
         RunResult(0, "t", error=RunError(0, "t", "worker", "WorkerCrashedError", "died", "Traceback ...")),
     ]
-    hyp = HypothesisResult("h", ["x"], results={"t": {"p_value": math.nan}}, errors={"t2": "boom"},
-                           ranking=["t"], scores={"t": math.inf})
-    result = Result(runs, ["baseline", "t"], hypotheses=[hyp],
-                    provenance={"name": "odd", "when": (2024, 1)}, treatment_params={"t": {"lr": None}})
+    hyp = HypothesisResult(
+        "h", ["x"], results={"t": {"p_value": math.nan}}, errors={"t2": "boom"}, ranking=["t"], scores={"t": math.inf}
+    )
+    result = Result(
+        runs,
+        ["baseline", "t"],
+        hypotheses=[hyp],
+        provenance={"name": "odd", "when": (2024, 1)},
+        treatment_params={"t": {"lr": None}},
+    )
     loaded = Result.load(result.save(tmp_path / "odd", table="csv"))
     assert_same_result(result, loaded)
     assert loaded.run(0).metrics["x"][4] == b"\x00\xff"
@@ -157,30 +196,85 @@ def test_every_run_field_round_trips_including_odd_ones(tmp_path):
 
 
 def test_run_records_are_strict_json_and_pin_the_format():
-    run = RunResult(1, "lr=0.1", {"accuracy": [0.91]}, seed=1234, seconds=0.5,
-                    provenance=[StepRecord("train", 0, {"lr": 0.1}, reads=("lr",), seconds=0.25)])
+    run = RunResult(
+        1,
+        "lr=0.1",
+        {"accuracy": [0.91]},
+        seed=1234,
+        seconds=0.5,
+        provenance=[StepRecord("train", 0, {"lr": 0.1}, reads=("lr",), seconds=0.25)],
+    )
     record = run_to_record(run)
     assert json.loads(json.dumps(record, allow_nan=False)) == record
-    assert {k: record[k] for k in ("record", "replicate", "condition", "seed", "seconds", "attempts",
-                                   "metrics", "error", "artifacts", "artifact_errors")} == {
-        "record": 1, "replicate": 1, "condition": "lr=0.1", "seed": 1234, "seconds": 0.5, "attempts": 1,
-        "metrics": {"accuracy": [0.91]}, "error": None, "artifacts": [], "artifact_errors": []}
+    assert {
+        k: record[k]
+        for k in (
+            "record",
+            "replicate",
+            "condition",
+            "seed",
+            "seconds",
+            "attempts",
+            "metrics",
+            "error",
+            "artifacts",
+            "artifact_errors",
+        )
+    } == {
+        "record": 1,
+        "replicate": 1,
+        "condition": "lr=0.1",
+        "seed": 1234,
+        "seconds": 0.5,
+        "attempts": 1,
+        "metrics": {"accuracy": [0.91]},
+        "error": None,
+        "artifacts": [],
+        "artifact_errors": [],
+    }
     step = record["provenance"][0]
     assert (step["name"], step["params"], step["reads"], step["cache"]) == ("train", {"lr": 0.1}, ["lr"], "off")
     assert run_from_record(record) == run
 
 
 def test_hypothesis_records_round_trip():
-    h = HypothesisResult("h", ["a", "b"], results={"t": {"p": 0.5, "ci": (0.1, 0.9)}},
-                         errors={"u": "failed"}, ranking=["t"], scores={"t": -math.inf})
+    h = HypothesisResult(
+        "h",
+        ["a", "b"],
+        results={"t": {"p": 0.5, "ci": (0.1, 0.9)}},
+        errors={"u": "failed"},
+        ranking=["t"],
+        scores={"t": -math.inf},
+    )
     assert hypothesis_from_record(json.loads(json.dumps(hypothesis_to_record(h), allow_nan=False))) == h
 
 
-@pytest.mark.parametrize("value", [
-    None, True, 0, -7, 10**40, 0.1, "text", "$not-a-tag", [1, [2, [3]]], (1, (2,)), {"a": {"b": [1]}},
-    {1: "a", (2, 3): "b"}, {"$x": 1}, {1, 2, 3}, frozenset({"x"}), b"bytes", bytearray(b"ba"), 3 - 4j,
-    math.inf, -math.inf,
-], ids=repr)
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        True,
+        0,
+        -7,
+        10**40,
+        0.1,
+        "text",
+        "$not-a-tag",
+        [1, [2, [3]]],
+        (1, (2,)),
+        {"a": {"b": [1]}},
+        {1: "a", (2, 3): "b"},
+        {"$x": 1},
+        {1, 2, 3},
+        frozenset({"x"}),
+        b"bytes",
+        bytearray(b"ba"),
+        3 - 4j,
+        math.inf,
+        -math.inf,
+    ],
+    ids=repr,
+)
 def test_the_value_codec_round_trips_through_strict_json(value):
     encoded = json.loads(json.dumps(encode_value(value), allow_nan=False))
     decoded = decode_value(encoded)
@@ -221,8 +315,17 @@ def test_the_parquet_table_has_one_row_per_value_and_parameter_columns(tmp_path)
     pytest.importorskip("pyarrow")
     result = _experiment().run()
     table = pandas.read_parquet(result.save(tmp_path / "t") / "runs.parquet")
-    assert list(table.columns) == ["replicate", "condition", "seed", "metric", "index", "value",
-                                   "value_text", "error", "C"]
+    assert list(table.columns) == [
+        "replicate",
+        "condition",
+        "seed",
+        "metric",
+        "index",
+        "value",
+        "value_text",
+        "error",
+        "C",
+    ]
     assert len(table) == len(result.to_dataframe())
     scores = table[(table.metric == "score") & table.error.isna()]
     by_c = scores.groupby("C")["value"].mean().to_dict()

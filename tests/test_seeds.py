@@ -19,7 +19,6 @@ from crystallize import (
 )
 
 
-
 @pipeline_step()
 def inspect_seed(data, ctx):
     ctx.metrics.add("seed", ctx["seed"])
@@ -51,8 +50,13 @@ BACKENDS = {
 
 
 def _experiment(steps, *plugins, replicates=4, treatments=None):
-    return Experiment(lambda ctx: None, Pipeline(steps), plugins=list(plugins),
-                      treatments=treatments or [Treatment("t", {"k": 1})], replicates=replicates)
+    return Experiment(
+        lambda ctx: None,
+        Pipeline(steps),
+        plugins=list(plugins),
+        treatments=treatments or [Treatment("t", {"k": 1})],
+        replicates=replicates,
+    )
 
 
 def test_seed_readable_as_ctx_seed_rng_and_numpy_rng():
@@ -67,8 +71,9 @@ def test_seed_readable_as_ctx_seed_rng_and_numpy_rng():
 
 
 def test_seed_depends_only_on_seed_and_replicate():
-    result = _experiment([draw()], SeedPlugin(seed=7),
-                         treatments=[Treatment("a", {"k": 1}), Treatment("b", {"k": 2})]).run()
+    result = _experiment(
+        [draw()], SeedPlugin(seed=7), treatments=[Treatment("a", {"k": 1}), Treatment("b", {"k": 2})]
+    ).run()
     for r in range(4):
         seeds = {result.run(r, c).seed for c in ("baseline", "a", "b")}
         draws = {result.run(r, c).metrics["draw"][0] for c in ("baseline", "a", "b")}
@@ -144,8 +149,9 @@ def test_seed_none_is_drawn_in_the_driver_for_process_workers():
 
 def test_custom_seed_fn_called_with_each_runs_seed():
     calls = []
-    result = _experiment([draw()], SeedPlugin(seed=7, seed_fn=calls.append),
-                         treatments=[Treatment("a", {"k": 1})], replicates=3).run()
+    result = _experiment(
+        [draw()], SeedPlugin(seed=7, seed_fn=calls.append), treatments=[Treatment("a", {"k": 1})], replicates=3
+    ).run()
     assert sorted(calls) == sorted(run.seed for run in result.runs)
     assert len(calls) == 6
 

@@ -66,8 +66,7 @@ def objects(bucket: str) -> dict[str, int]:
 
 
 def experiment(cache, replicates=3) -> Experiment:
-    return Experiment(lambda ctx: list(range(64)), [featurize(), summarize()], replicates=replicates,
-                      cache=cache)
+    return Experiment(lambda ctx: list(range(64)), [featurize(), summarize()], replicates=replicates, cache=cache)
 
 
 def statuses(result) -> list[list[str]]:
@@ -109,12 +108,14 @@ def test_storage_options_reach_the_filesystem(s3_bucket, s3_server, counter, mon
     monkeypatch.delenv("AWS_ENDPOINT_URL")  # only the options say where the server is
     store = UrlStore(f"s3://{s3_bucket}/opts", storage_options={"endpoint_url": s3_server}, local_dir=False)
     assert [statuses(experiment(store, 1).run()), statuses(experiment(store, 1).run())] == [
-        [["miss", "miss"]], [["hit", "hit"]]]
+        [["miss", "miss"]],
+        [["hit", "hit"]],
+    ]
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)  # for this test's own listing
     assert any(p.startswith("opts/") for p in objects(s3_bucket))
 
 
-DRIVER = '''\
+DRIVER = """\
 import json, os, sys
 sys.path.insert(0, sys.argv[1])
 import shared_steps
@@ -123,9 +124,9 @@ result = Experiment(lambda ctx: list(range(64)), [shared_steps.heavy()], replica
 print(json.dumps({"cwd": os.getcwd(), "errors": len(result.errors),
                   "cache": [run.provenance[0].cache for run in result.runs],
                   "n": result.metrics.baseline.metrics["n"]}))
-'''
+"""
 
-STEPS = '''\
+STEPS = """\
 import os
 from crystallize import pipeline_step
 
@@ -134,7 +135,7 @@ def heavy(data):
     with open(os.environ["CRYSTALLIZE_TEST_COUNTER"], "a") as fh:
         fh.write(f"{os.getpid()}\\n")
     return bytes(200_000), {"n": len(data)}
-'''
+"""
 
 
 def test_two_drivers_in_different_directories_share_one_bucket(s3_bucket, counter, tmp_path):
@@ -144,8 +145,14 @@ def test_two_drivers_in_different_directories_share_one_bucket(s3_bucket, counte
     reports = []
     for name in ("laptop", "cluster-node"):
         (tmp_path / name).mkdir()
-        proc = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path / "mods")], cwd=tmp_path / name,
-                              env=env, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-c", DRIVER, str(tmp_path / "mods")],
+            cwd=tmp_path / name,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         reports.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     first, second = reports
@@ -158,7 +165,7 @@ def test_two_drivers_in_different_directories_share_one_bucket(s3_bucket, counte
         assert list((tmp_path / name / ".cache" / BLOBS).iterdir())
 
 
-WRITER = '''\
+WRITER = """\
 import json, os, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
@@ -170,22 +177,37 @@ while not Path(os.environ["GATE"]).exists():
 ctx = FrozenContext()
 Pipeline([shared_steps.heavy()]).run(list(range(64)), ctx)
 print(json.dumps({"cache": ctx.provenance[0].cache}))
-'''
+"""
 
 
 def test_concurrent_writers_of_one_key_on_s3_leave_one_valid_manifest(s3_bucket, counter, tmp_path):
     (tmp_path / "mods").mkdir()
-    (tmp_path / "mods" / "shared_steps.py").write_text(STEPS.replace("return bytes", "import time; time.sleep(0.3); return bytes"))
+    (tmp_path / "mods" / "shared_steps.py").write_text(
+        STEPS.replace("return bytes", "import time; time.sleep(0.3); return bytes")
+    )
     ready, gate = tmp_path / "ready", tmp_path / "gate"
     ready.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CRYSTALLIZE_CACHE_URL": f"s3://{s3_bucket}/race",
-           "READY_DIR": str(ready), "GATE": str(gate),
-           "CRYSTALLIZE_CACHE_MAX_WAIT": "0"}  # no single flight: the writers really race
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "CRYSTALLIZE_CACHE_URL": f"s3://{s3_bucket}/race",
+        "READY_DIR": str(ready),
+        "GATE": str(gate),
+        "CRYSTALLIZE_CACHE_MAX_WAIT": "0",
+    }  # no single flight: the writers really race
     procs = []
     for i in range(6):
         (tmp_path / f"w{i}").mkdir()
-        procs.append(subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "mods")], cwd=tmp_path / f"w{i}",
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", WRITER, str(tmp_path / "mods")],
+                cwd=tmp_path / f"w{i}",
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     deadline = time.monotonic() + 60
     while len(list(ready.iterdir())) < len(procs):
         assert time.monotonic() < deadline, "writers did not start"
@@ -195,8 +217,11 @@ def test_concurrent_writers_of_one_key_on_s3_leave_one_valid_manifest(s3_bucket,
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     assert calls(counter) >= 2  # they raced
     stored = objects(s3_bucket)
-    manifests = [p for p in stored if p.count("/") == 2 and not p.startswith(f"race/{BLOBS}/")
-                 and not p.endswith(("/last", ".lease"))]
+    manifests = [
+        p
+        for p in stored
+        if p.count("/") == 2 and not p.startswith(f"race/{BLOBS}/") and not p.endswith(("/last", ".lease"))
+    ]
     assert len(manifests) == 1 and len([p for p in stored if f"/{BLOBS}/" in p]) == 1
     # The one manifest is whole and verifies in its slot: a fresh process hits it.
     ctx = FrozenContext()
@@ -234,8 +259,10 @@ def test_a_manifest_moved_into_another_keys_slot_is_refused(s3_bucket, counter, 
     a, b = first.runs[0].provenance[0], second.runs[0].provenance[0]
     fs = fsspec.filesystem("s3")
     # A valid, signed manifest copied over another key's: it would replay size=3 for [4, 5].
-    fs.pipe_file(f"{s3_bucket}/moved/{b.step_hash}/{b.input_hash}",
-                 fs.cat_file(f"{s3_bucket}/moved/{a.step_hash}/{a.input_hash}"))
+    fs.pipe_file(
+        f"{s3_bucket}/moved/{b.step_hash}/{b.input_hash}",
+        fs.cat_file(f"{s3_bucket}/moved/{a.step_hash}/{a.input_hash}"),
+    )
     with caplog.at_level(logging.WARNING, logger="crystallize"):
         again = Experiment(lambda ctx: [4, 5], [summarize()], cache=UrlStore(url, local_dir=False)).run()
     assert again.metrics.baseline.metrics == {"size": [2]}
@@ -263,8 +290,9 @@ def test_a_forged_manifest_in_the_bucket_is_never_unpickled(mac, s3_bucket, coun
     body = len(header).to_bytes(4, "big") + header + pickle.dumps({"output": CreatesAFile(marker)})
     where = f"{record.step_hash}/{record.input_hash}".encode()
     signature = bytes(MAC_SIZE) if mac == "zero" else sign(body, key_from_text("not ours"), where)
-    fsspec.filesystem("s3").pipe_file(f"{s3_bucket}/forged/{record.step_hash}/{record.input_hash}",
-                                      MAGIC + signature + body)
+    fsspec.filesystem("s3").pipe_file(
+        f"{s3_bucket}/forged/{record.step_hash}/{record.input_hash}", MAGIC + signature + body
+    )
     with caplog.at_level(logging.WARNING, logger="crystallize"):
         again = Experiment(lambda ctx: [1, 2, 3], [summarize()], cache=UrlStore(url, local_dir=False)).run()
     assert not marker.exists()
@@ -289,17 +317,25 @@ def test_an_unreachable_store_costs_one_warning_not_a_run(counter, monkeypatch, 
 
 
 def test_a_missing_s3fs_names_the_extra_to_install(tmp_path):
-    code = ("import sys; sys.modules['s3fs'] = None\n"
-            "from crystallize import Experiment, pipeline_step\n"
-            "@pipeline_step(cacheable=True)\n"
-            "def one(data):\n"
-            "    return data\n"
-            "try:\n"
-            "    Experiment(lambda ctx: 1, [one()], cache='s3://bucket/cache').run()\n"
-            "except ImportError as exc:\n"
-            "    print(exc)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path)
+    code = (
+        "import sys; sys.modules['s3fs'] = None\n"
+        "from crystallize import Experiment, pipeline_step\n"
+        "@pipeline_step(cacheable=True)\n"
+        "def one(data):\n"
+        "    return data\n"
+        "try:\n"
+        "    Experiment(lambda ctx: 1, [one()], cache='s3://bucket/cache').run()\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=tmp_path,
+    )
     assert "pip install 'crystallize-lab[s3]'" in proc.stdout, proc.stderr[-2000:]
 
 

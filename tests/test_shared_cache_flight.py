@@ -142,16 +142,16 @@ def test_waiting_is_bounded(counter, monkeypatch, caplog):
     assert "computing it here instead" in caplog.text
 
 
-HOLDER = '''\
+HOLDER = """\
 import os, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import flight_steps
 from crystallize import FrozenContext, Pipeline
 Pipeline([flight_steps.slow()]).run([1, 2, 3], FrozenContext())
-'''
+"""
 
-STEPS = '''\
+STEPS = """\
 import os, time
 from pathlib import Path
 from crystallize import pipeline_step
@@ -163,7 +163,7 @@ def slow(data):
     Path(os.environ["INSIDE"]).touch()
     time.sleep(float(os.environ.get("STEP_SECONDS", "0.5")))
     return data, {"total": sum(data)}
-'''
+"""
 
 
 def _steps(tmp_path: Path):
@@ -189,8 +189,11 @@ def test_the_lease_of_a_killed_holder_lapses_and_a_waiter_computes(flight_steps,
     inside = tmp_path / "inside"
     monkeypatch.setenv("CRYSTALLIZE_CACHE_LEASE_SECONDS", "1")
     monkeypatch.setenv("INSIDE", str(inside))
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(mods)], cwd=tmp_path,
-                              env={**os.environ, "PYTHONPATH": str(ROOT), "STEP_SECONDS": "60"})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(mods)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "STEP_SECONDS": "60"},
+    )
     try:
         deadline = time.monotonic() + 60
         while not inside.exists():
@@ -209,7 +212,7 @@ def test_the_lease_of_a_killed_holder_lapses_and_a_waiter_computes(flight_steps,
     assert calls(counter) == 2
 
 
-DRIVER = '''\
+DRIVER = """\
 import json, os, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
@@ -221,21 +224,35 @@ while not Path(os.environ["GATE"]).exists():
 result = Experiment(lambda ctx: [1, 2, 3], [flight_steps.slow()], replicates=2).run()
 record = result.runs[0].provenance[0]
 print(json.dumps({"cache": record.cache, "waited": record.waited}))
-'''
+"""
 
 
 def test_jobs_sharing_a_bucket_compute_a_missing_entry_once(flight_steps, s3_bucket, counter, tmp_path):
     mods, _ = flight_steps
     ready, gate = tmp_path / "ready", tmp_path / "gate"
     ready.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CRYSTALLIZE_CACHE_URL": f"s3://{s3_bucket}/jobs",
-           "READY_DIR": str(ready), "GATE": str(gate), "INSIDE": str(tmp_path / "inside")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "CRYSTALLIZE_CACHE_URL": f"s3://{s3_bucket}/jobs",
+        "READY_DIR": str(ready),
+        "GATE": str(gate),
+        "INSIDE": str(tmp_path / "inside"),
+    }
     env.pop("CRYSTALLIZE_CACHE_DIR")  # each job reads through its own ./.cache
     procs = []
     for i in range(3):
         (tmp_path / f"job{i}").mkdir()
-        procs.append(subprocess.Popen([sys.executable, "-c", DRIVER, str(mods)], cwd=tmp_path / f"job{i}",
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", DRIVER, str(mods)],
+                cwd=tmp_path / f"job{i}",
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     deadline = time.monotonic() + 60
     while len(list(ready.iterdir())) < len(procs):
         assert time.monotonic() < deadline, "the jobs did not start"

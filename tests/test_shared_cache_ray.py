@@ -56,16 +56,25 @@ def ray_backend(**options):
 
 def s3_store(bucket: str, endpoint: str, prefix: str) -> UrlStore:
     # Workers of the session's Ray did not inherit this test's AWS environment.
-    options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing",
-               "client_kwargs": {"region_name": "us-east-1"}}
+    options = {
+        "endpoint_url": endpoint,
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"region_name": "us-east-1"},
+    }
     return UrlStore(f"s3://{bucket}/{prefix}", storage_options=options, local_dir=False)
 
 
 @pytest.mark.parametrize("tier", [True, False], ids=["object-store-tier", "lease-files"])
 def test_sixteen_runs_on_ray_compute_a_slow_step_once(tier, ray_session, tmp_path):
     counter = tmp_path / "calls.txt"
-    exp = Experiment(lambda ctx: [1, 2, 3], [expensive(calls_file=str(counter))], replicates=RUNS,
-                     plugins=[ray_backend(object_store_cache=tier)], cache=LocalCacheStore(tmp_path / "cache"))
+    exp = Experiment(
+        lambda ctx: [1, 2, 3],
+        [expensive(calls_file=str(counter))],
+        replicates=RUNS,
+        plugins=[ray_backend(object_store_cache=tier)],
+        cache=LocalCacheStore(tmp_path / "cache"),
+    )
     result = exp.run()
     assert result.errors == []
     assert result.metrics.baseline.metrics == {"total": [6] * RUNS}
@@ -80,8 +89,13 @@ def test_outputs_outlive_the_task_that_made_them(ray_session, s3_bucket, s3_serv
     store = s3_store(s3_bucket, s3_server, "outlive")
 
     def run(replicates: int):
-        return Experiment(lambda ctx: [1, 2, 3], [expensive(calls_file=str(counter))], replicates=replicates,
-                          plugins=[ray_backend()], cache=store).run()
+        return Experiment(
+            lambda ctx: [1, 2, 3],
+            [expensive(calls_file=str(counter))],
+            replicates=replicates,
+            plugins=[ray_backend()],
+            cache=store,
+        ).run()
 
     assert run(1).runs[0].provenance[0].cache == "miss"
     fsspec.filesystem("s3").rm(f"{s3_bucket}/outlive", recursive=True)  # only Ray's object store has it
@@ -98,8 +112,13 @@ def test_a_dead_index_falls_back_to_the_durable_store(ray_session, s3_bucket, s3
     store = s3_store(s3_bucket, s3_server, "fallback")
 
     def run():
-        result = Experiment(lambda ctx: [1, 2, 3], [expensive(calls_file=str(counter))], replicates=3,
-                            plugins=[ray_backend()], cache=store).run()
+        result = Experiment(
+            lambda ctx: [1, 2, 3],
+            [expensive(calls_file=str(counter))],
+            replicates=3,
+            plugins=[ray_backend()],
+            cache=store,
+        ).run()
         assert result.errors == []
         return sorted(r.provenance[0].cache for r in result.runs)
 
@@ -112,8 +131,7 @@ def test_a_dead_index_falls_back_to_the_durable_store(ray_session, s3_bucket, s3
     assert calls(counter) == 1
 
 
-def test_the_index_keeps_at_most_its_bound_and_lost_objects_are_read_from_the_durable_store(
-        ray_session, tmp_path):
+def test_the_index_keeps_at_most_its_bound_and_lost_objects_are_read_from_the_durable_store(ray_session, tmp_path):
     import ray
 
     from crystallize_ray.cache_tier import INDEX_NAMESPACE, ObjectStoreTier
@@ -145,9 +163,19 @@ def test_the_index_keeps_at_most_its_bound_and_lost_objects_are_read_from_the_du
 
 @pytest.mark.slow
 def test_a_node_reuses_what_another_node_computed(s3_bucket, s3_server, tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "shared_cache_cluster.py"),
-                           s3_server, s3_bucket, str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "scripts" / "shared_cache_cluster.py"),
+            s3_server,
+            s3_bucket,
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     nodes = report["node_ids"]

@@ -123,7 +123,8 @@ def test_a_failing_local_copy_steps_aside_with_one_warning(s3_bucket, counter, t
 
 
 def test_a_url_store_ships_without_its_filesystem_and_resolves_its_local_copy_where_it_runs(
-        s3_bucket, tmp_path, monkeypatch):
+    s3_bucket, tmp_path, monkeypatch
+):
     import cloudpickle
 
     store = UrlStore(f"s3://{s3_bucket}/ship")

@@ -9,7 +9,6 @@ Block 1b names ``normalize`` from section 3, so it follows that block here.
 from __future__ import annotations
 
 
-
 class SpecCalls:
     """Real call counts (an object, so counting does not change any step's code key)."""
 
@@ -47,8 +46,8 @@ def load_heavy_model():
 
 
 # ---- Section 1, block 1 (verbatim) ----------------------------------------------------
-from crystallize import pipeline_step
-from crystallize import FrozenContext
+from crystallize import FrozenContext, pipeline_step
+
 
 @pipeline_step(cacheable=True)
 def scale_data(data: list, ctx: FrozenContext, *, factor: float = 1.0) -> list:
@@ -92,6 +91,7 @@ def heavy_transform(data, ctx: FrozenContext, method: str = "a"):
 # ---- Section 6 (verbatim) -------------------------------------------------------------
 from crystallize import PipelineStep
 
+
 class ModelStep(PipelineStep):
     cacheable = False  # set to True if outputs can be reused safely
 
@@ -108,6 +108,7 @@ class ModelStep(PipelineStep):
 
 # ---- Section 7 (verbatim) -------------------------------------------------------------
 import asyncio
+
 
 @pipeline_step()
 async def fetch_remote(data: str, ctx: FrozenContext) -> str:
@@ -214,10 +215,12 @@ def test_section_7_async_step_runs_from_sync_and_async_code():
 
 def test_putting_it_together_without_an_experiment():
     ctx = FrozenContext({"replicate": 0})
-    pipeline = Pipeline([
-        partial(scale_data, factor=1.5),
-        normalize(),
-        compute_sum(),
-    ])
+    pipeline = Pipeline(
+        [
+            partial(scale_data, factor=1.5),
+            normalize(),
+            compute_sum(),
+        ]
+    )
     assert pipeline.run([1, 2, 3], ctx) == [1.5, 3.0, 4.5]
     assert ctx.metrics["sum"] == (9.0,)

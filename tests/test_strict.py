@@ -26,19 +26,29 @@ def fails_on(data, ctx, *, bad: tuple = (1,)):
 
 
 def _exp(bad=(1,), replicates=4, plugins=()):
-    return Experiment(lambda ctx: None, [fails_on(bad=bad)], plugins=list(plugins), replicates=replicates,
-                      name="strict", journal=False)
+    return Experiment(
+        lambda ctx: None,
+        [fails_on(bad=bad)],
+        plugins=list(plugins),
+        replicates=replicates,
+        name="strict",
+        journal=False,
+    )
 
 
-@pytest.mark.parametrize("backend", [None, lambda: ParallelExecution(max_workers=2, executor_type="process")],
-                         ids=["serial", "process"])
+@pytest.mark.parametrize(
+    "backend", [None, lambda: ParallelExecution(max_workers=2, executor_type="process")], ids=["serial", "process"]
+)
 def test_strict_run_raises_one_error_for_every_failure_after_every_run_finished(backend):
     with pytest.raises(RunsFailedError) as info:
         _exp(bad=(1, 3), plugins=[backend()] if backend else []).run(strict=True)
     exc = info.value
     assert isinstance(exc, CrystallizeError)
     assert len(exc.result.runs) == 4 and exc.result.metrics.baseline.metrics["ok"] == [0, 2]  # all ran
-    assert [(e.replicate, e.step, e.type) for e in exc.errors] == [(1, "fails_on", "ValueError"), (3, "fails_on", "ValueError")]
+    assert [(e.replicate, e.step, e.type) for e in exc.errors] == [
+        (1, "fails_on", "ValueError"),
+        (3, "fails_on", "ValueError"),
+    ]
     message = str(exc)
     assert message.startswith("2 of 4 runs of experiment 'strict' failed:")
     assert "replicate 1, condition 'baseline', at fails_on: ValueError: replicate 1 diverged" in message

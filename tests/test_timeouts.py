@@ -78,9 +78,13 @@ def _check(result, step: str, at: int = 2, replicates: int = 6) -> None:
 @pytest.mark.parametrize("busy", [False, True], ids=["sleeping", "busy-loop"])
 def test_a_hanging_step_on_the_process_pool_is_stopped_named_and_its_worker_replaced(tmp_path, busy):
     pids = tmp_path / "pids.txt"
-    exp = Experiment(lambda ctx: None, Pipeline([prepare(), hang(at=2, pids=str(pids), busy=busy)]),
-                     plugins=[ParallelExecution(max_workers=2, executor_type="process", timeout=1)],
-                     replicates=6, journal=False)
+    exp = Experiment(
+        lambda ctx: None,
+        Pipeline([prepare(), hang(at=2, pids=str(pids), busy=busy)]),
+        plugins=[ParallelExecution(max_workers=2, executor_type="process", timeout=1)],
+        replicates=6,
+        journal=False,
+    )
     result = exp.run()
     _check(result, "hang")
     (error,) = result.errors
@@ -96,8 +100,13 @@ def test_a_hanging_data_source_is_named_as_the_data_source(tmp_path):
             time.sleep(HANG_SECONDS)
         return None
 
-    exp = Experiment(source, Pipeline([hang(at=-1)]), replicates=4, journal=False,
-                     plugins=[ParallelExecution(max_workers=2, executor_type="process", timeout=1)])
+    exp = Experiment(
+        source,
+        Pipeline([hang(at=-1)]),
+        replicates=4,
+        journal=False,
+        plugins=[ParallelExecution(max_workers=2, executor_type="process", timeout=1)],
+    )
     _check(exp.run(), "datasource", at=1, replicates=4)
 
 
@@ -107,15 +116,25 @@ def test_runs_within_the_timeout_are_untouched_and_workers_kept(tmp_path):
         time.sleep(0.05)
         return data, {"pid": os.getpid()}
 
-    result = Experiment(lambda ctx: None, [quick()], replicates=20, journal=False,
-                        plugins=[ParallelExecution(max_workers=2, executor_type="process", timeout=5)]).run()
+    result = Experiment(
+        lambda ctx: None,
+        [quick()],
+        replicates=20,
+        journal=False,
+        plugins=[ParallelExecution(max_workers=2, executor_type="process", timeout=5)],
+    ).run()
     assert result.errors == []
     assert len(set(result.metrics.baseline.metrics["pid"])) <= 2
 
 
 def test_a_hanging_async_step_is_cancelled_and_named(tmp_path):
-    exp = Experiment(lambda ctx: None, Pipeline([prepare(), ahang(at=2)]), replicates=6, journal=False,
-                     plugins=[AsyncExecution(timeout=1)])
+    exp = Experiment(
+        lambda ctx: None,
+        Pipeline([prepare(), ahang(at=2)]),
+        replicates=6,
+        journal=False,
+        plugins=[AsyncExecution(timeout=1)],
+    )
     started = time.monotonic()
     result = exp.run()
     _check(result, "ahang")
@@ -125,8 +144,9 @@ def test_a_hanging_async_step_is_cancelled_and_named(tmp_path):
 
 
 def test_arun_enforces_the_async_timeout_too():
-    exp = Experiment(lambda ctx: None, Pipeline([ahang(at=0)]), replicates=3, journal=False,
-                     plugins=[AsyncExecution(timeout=1)])
+    exp = Experiment(
+        lambda ctx: None, Pipeline([ahang(at=0)]), replicates=3, journal=False, plugins=[AsyncExecution(timeout=1)]
+    )
     _check(asyncio.run(exp.arun()), "ahang", at=0, replicates=3)
 
 
@@ -137,8 +157,13 @@ def test_a_hanging_step_under_ray_is_stopped_and_named(ray_session):
 
     if not getattr(RayExecution, "supports_timeout", False):
         pytest.skip("this RayExecution does not take timeout= yet")
-    exp = Experiment(lambda ctx: None, Pipeline([prepare(), hang(at=2)]), replicates=6, journal=False,
-                     plugins=[RayExecution(timeout=1)])
+    exp = Experiment(
+        lambda ctx: None,
+        Pipeline([prepare(), hang(at=2)]),
+        replicates=6,
+        journal=False,
+        plugins=[RayExecution(timeout=1)],
+    )
     result = exp.run()
     (error,) = result.errors
     assert (error.replicate, error.type) == (2, "TimeoutError")
@@ -146,8 +171,11 @@ def test_a_hanging_step_under_ray_is_stopped_and_named(ray_session):
 
 
 def test_backends_that_cannot_stop_a_run_refuse_a_timeout_and_say_what_can():
-    with pytest.raises(ConfigurationError, match=r"SerialExecution\(timeout=5\).*cannot be stopped.*"
-                                                 r"ParallelExecution\(executor_type='process', timeout=\.\.\.\)"):
+    with pytest.raises(
+        ConfigurationError,
+        match=r"SerialExecution\(timeout=5\).*cannot be stopped.*"
+        r"ParallelExecution\(executor_type='process', timeout=\.\.\.\)",
+    ):
         SerialExecution(timeout=5)
     with pytest.raises(ConfigurationError, match=r"timeout=5\).*a thread cannot be stopped.*executor_type='process'"):
         ParallelExecution(executor_type="thread", timeout=5)
@@ -175,8 +203,13 @@ def leaky(data, ctx):
 
 
 def test_workers_are_replaced_every_max_runs_per_worker_runs_so_a_leak_stays_bounded():
-    exp = Experiment(lambda ctx: None, [leaky()], replicates=12, journal=False,
-                     plugins=[ParallelExecution(max_workers=2, executor_type="process", max_runs_per_worker=2)])
+    exp = Experiment(
+        lambda ctx: None,
+        [leaky()],
+        replicates=12,
+        journal=False,
+        plugins=[ParallelExecution(max_workers=2, executor_type="process", max_runs_per_worker=2)],
+    )
     result = exp.run()
     assert result.errors == []
     pids, rss = result.metrics.baseline.metrics["pid"], result.metrics.baseline.metrics["rss"]
@@ -184,8 +217,13 @@ def test_workers_are_replaced_every_max_runs_per_worker_runs_so_a_leak_stays_bou
     assert all(pids.count(pid) == 2 for pid in set(pids))
     assert max(rss) - min(rss) < 30  # one leak of 20 MiB at most on top of a fresh worker
 
-    unbounded = Experiment(lambda ctx: None, [leaky()], replicates=12, journal=False,
-                           plugins=[ParallelExecution(max_workers=2, executor_type="process")]).run()
+    unbounded = Experiment(
+        lambda ctx: None,
+        [leaky()],
+        replicates=12,
+        journal=False,
+        plugins=[ParallelExecution(max_workers=2, executor_type="process")],
+    ).run()
     assert max(unbounded.metrics.baseline.metrics["rss"]) - max(rss) > 60  # what recycling prevents
 
 
@@ -212,8 +250,13 @@ def test_recycled_workers_set_up_and_tear_down_their_steps(tmp_path):
             self._note("call")
             return data
 
-    Experiment(lambda ctx: None, [Lifecycle(str(log))], replicates=9, journal=False,
-               plugins=[ParallelExecution(max_workers=2, executor_type="process", max_runs_per_worker=3)]).run()
+    Experiment(
+        lambda ctx: None,
+        [Lifecycle(str(log))],
+        replicates=9,
+        journal=False,
+        plugins=[ParallelExecution(max_workers=2, executor_type="process", max_runs_per_worker=3)],
+    ).run()
     by_pid: dict[str, list[str]] = {}
     for what, pid in (line.split() for line in log.read_text().splitlines()):
         by_pid.setdefault(pid, []).append(what)

@@ -25,7 +25,6 @@ from crystallize import (
 )
 
 
-
 @pipeline_step()
 def scaled(data, ctx, *, factor: int = 1):
     ctx.metrics.add("score", sum(data) * factor)
@@ -52,8 +51,14 @@ def shift(data, ctx, *, delta: float = 0.0):
 
 
 def _run(treatments, *, steps=None, initial_ctx=None, replicates=2, **kw):
-    exp = Experiment(lambda ctx: [1, 2], Pipeline(steps or [scaled()]), treatments=treatments,
-                     initial_ctx=initial_ctx, replicates=replicates, **kw)
+    exp = Experiment(
+        lambda ctx: [1, 2],
+        Pipeline(steps or [scaled()]),
+        treatments=treatments,
+        initial_ctx=initial_ctx,
+        replicates=replicates,
+        **kw,
+    )
     return exp.run()
 
 
@@ -98,16 +103,18 @@ def test_treatment_overrides_initial_ctx_key(apply):
 
 
 def test_treatment_override_does_not_leak_into_other_conditions():
-    result = _run([Treatment("x", {"factor": 3}), Treatment("y", {"other": 1})],
-                  initial_ctx={"factor": 2}, plugins=[ParallelExecution(max_workers=2)])
+    result = _run(
+        [Treatment("x", {"factor": 3}), Treatment("y", {"other": 1})],
+        initial_ctx={"factor": 2},
+        plugins=[ParallelExecution(max_workers=2)],
+    )
     assert result.metrics.baseline.metrics == {"score": [6, 6]}
     assert result.metrics.treatments["x"].metrics == {"score": [9, 9]}
     assert result.metrics.treatments["y"].metrics == {"score": [6, 6]}
 
 
 def test_keys_stay_write_once_inside_a_run():
-    result = _run([Treatment("x", {"factor": 3})], steps=[overwrite_factor(), scaled()],
-                  initial_ctx={"factor": 1})
+    result = _run([Treatment("x", {"factor": 3})], steps=[overwrite_factor(), scaled()], initial_ctx={"factor": 1})
     assert len(result.errors) == 4  # every run of every condition
     for err in result.errors:
         assert err.type == "ContextMutationError"
@@ -210,8 +217,11 @@ def _gain_experiment(hypotheses):
     return Experiment(
         lambda ctx: None,
         Pipeline([shift()]),
-        treatments=[Treatment("small", {"delta": 1.0}), Treatment("big", {"delta": 5.0}),
-                    Treatment("worse", {"delta": -2.0})],
+        treatments=[
+            Treatment("small", {"delta": 1.0}),
+            Treatment("big", {"delta": 5.0}),
+            Treatment("worse", {"delta": -2.0}),
+        ],
         hypotheses=hypotheses,
         replicates=3,
     )

@@ -97,8 +97,7 @@ def open_store(spec: Any = None, *, storage_options: dict[str, Any] | None = Non
     if protocol in ("file", "local"):
         return LocalCacheStore(rest)
     limit = os.environ.get(LOCAL_MAX_ENV)
-    return UrlStore(text, storage_options,
-                    local_max_bytes=parse_size(limit) if limit else DEFAULT_LOCAL_BYTES)
+    return UrlStore(text, storage_options, local_max_bytes=parse_size(limit) if limit else DEFAULT_LOCAL_BYTES)
 
 
 def default_cache_store() -> CacheStore:

@@ -28,15 +28,22 @@ ask for with :func:`capability` rather than by checking types:
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 from ._warn import warn_once
 from .leases import GuardedLease
 
-__all__ = ["CACHE_DIR_ENV", "CACHE_URL_ENV", "CacheStore", "GuardedStore", "KeyedStore", "StoredObject",
-           "capability", "warn_once"]
+__all__ = [
+    "CACHE_DIR_ENV",
+    "CACHE_URL_ENV",
+    "CacheStore",
+    "GuardedStore",
+    "KeyedStore",
+    "StoredObject",
+    "capability",
+    "warn_once",
+]
 
 log = logging.getLogger("crystallize.cache")
 _T = TypeVar("_T")
@@ -181,8 +188,13 @@ class GuardedStore:
                 "the runs go on (said once per process for this store and problem). Check "
                 "that the cache location is a directory you can write (or a bucket you can "
                 "reach), or choose another with $%s, $%s or Experiment(cache=...).",
-                self.store, op, self.where(namespace, key), type(exc).__name__, exc,
-                CACHE_DIR_ENV, CACHE_URL_ENV,
+                self.store,
+                op,
+                self.where(namespace, key),
+                type(exc).__name__,
+                exc,
+                CACHE_DIR_ENV,
+                CACHE_URL_ENV,
             )
             return default
 

@@ -97,8 +97,9 @@ class Flight:
 Loop = Generator[Any, Any, Any]
 
 
-def single_flight(leases: list[Lease], lookup: Callable[[], Any], *, cooperative: bool = False,
-                  wait_limit: float | None = None) -> Loop:
+def single_flight(
+    leases: list[Lease], lookup: Callable[[], Any], *, cooperative: bool = False, wait_limit: float | None = None
+) -> Loop:
     """Take ``leases`` in order, waiting where another run holds one (a generator).
 
     Args:
@@ -142,9 +143,13 @@ def single_flight(leases: list[Lease], lookup: Callable[[], Any], *, cooperative
                     flight.release()
                     return flight
                 if time.monotonic() >= deadline:
-                    log.warning("Waited %.0f s for another run to compute a cache entry (%r); "
-                                "computing it here instead. Set $%s to wait longer.",
-                                flight.waited, lease, MAX_WAIT_ENV)
+                    log.warning(
+                        "Waited %.0f s for another run to compute a cache entry (%r); "
+                        "computing it here instead. Set $%s to wait longer.",
+                        flight.waited,
+                        lease,
+                        MAX_WAIT_ENV,
+                    )
                     return flight
             else:
                 flight._held.append(lease)

@@ -53,8 +53,9 @@ class StoreLease:
         max_poll_seconds: the longest pause: how late a waiter may notice the release.
     """
 
-    def __init__(self, store: Any, namespace: str, key: str, *, poll_seconds: float = 0.05,
-                 max_poll_seconds: float = 0.5) -> None:
+    def __init__(
+        self, store: Any, namespace: str, key: str, *, poll_seconds: float = 0.05, max_poll_seconds: float = 0.5
+    ) -> None:
         self.store = store
         self.namespace, self.key = namespace, key + _LEASE_SUFFIX
         self.poll_seconds = poll_seconds
@@ -145,10 +146,14 @@ class GuardedLease:
         try:
             return fn()
         except OSError as exc:
-            warn_once((repr(self.store), "lease", type(exc).__name__, exc.errno),
-                      "Single flight on cache store %r is unavailable (%s: %s); runs that need the "
-                      "same missing entry may each compute it (said once per process).",
-                      self.store, type(exc).__name__, exc)
+            warn_once(
+                (repr(self.store), "lease", type(exc).__name__, exc.errno),
+                "Single flight on cache store %r is unavailable (%s: %s); runs that need the "
+                "same missing entry may each compute it (said once per process).",
+                self.store,
+                type(exc).__name__,
+                exc,
+            )
             return default
 
     def __repr__(self) -> str:
@@ -164,6 +169,10 @@ class _Heartbeat:
     """
 
     def __init__(self) -> None:
+        self._leases: set[Any] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
         self.reset()
 
     def add(self, lease: Any) -> None:
@@ -205,10 +214,10 @@ class _Heartbeat:
 
     def reset(self) -> None:
         """Start afresh (also in a forked child: no lease of the parent is its to renew)."""
-        self._leases: set[Any] = set()
+        self._leases = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = None
 
 
 _heartbeat = _Heartbeat()

@@ -69,6 +69,7 @@ class LocalCacheStore:
                 if final.is_dir():  # not another writer's entry: a broken store
                     raise IsADirectoryError(errno.EISDIR, "Is a directory", str(final)) from None
                 taken = True
+
         self._publish(namespace, key, blob, link)
         return not taken
 
@@ -120,9 +121,7 @@ class LocalCacheStore:
     def _publish(self, namespace: str, key: str, blob: bytes, place: Callable[[Path, Path], None]) -> None:
         final = self.path(namespace, key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(
-            f".{final.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        )
+        tmp = final.with_name(f".{final.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             with open(tmp, "wb") as fh:
                 fh.write(blob)

@@ -69,14 +69,24 @@ class ReadThroughStore:
         (b'entry', b'entry')
     """
 
-    def __init__(self, remote: CacheStore, local: str | os.PathLike[str] | LocalCacheStore | bool | None = None,
-                 *, max_bytes: int | None = DEFAULT_LOCAL_BYTES) -> None:
+    def __init__(
+        self,
+        remote: CacheStore,
+        local: str | os.PathLike[str] | LocalCacheStore | bool | None = None,
+        *,
+        max_bytes: int | None = DEFAULT_LOCAL_BYTES,
+    ) -> None:
         if local is True:
             local = None
         self.remote = remote
         self.local_dir: Path | bool | None = (
-            local.root if isinstance(local, LocalCacheStore)
-            else None if local is None else False if local is False else Path(local).expanduser().absolute()
+            local.root
+            if isinstance(local, LocalCacheStore)
+            else None
+            if local is None
+            else False
+            if local is False
+            else Path(local).expanduser().absolute()
         )
         self.max_bytes = max_bytes
         self._reset()
@@ -238,7 +248,11 @@ class ReadThroughStore:
                 (repr(self), "local", what, type(exc).__name__, exc.errno),
                 "The local copy %s of cache store %r could not %s an object (%s: %s); it "
                 "steps aside and the remote store is used directly (said once per process).",
-                self.local, self.remote, what, type(exc).__name__, exc,
+                self.local,
+                self.remote,
+                what,
+                type(exc).__name__,
+                exc,
             )
             return None
 

@@ -32,8 +32,16 @@ __all__ = ["EXTRAS", "FsspecStore", "ObjectStoreError", "UrlStore", "install_hin
 _T = TypeVar("_T")
 
 #: The crystallize-lab extra that installs each protocol's fsspec backend.
-EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure",
-          "abfss": "azure", "adl": "azure"}
+EXTRAS = {
+    "s3": "s3",
+    "s3a": "s3",
+    "gs": "gcs",
+    "gcs": "gcs",
+    "az": "azure",
+    "abfs": "azure",
+    "abfss": "azure",
+    "adl": "azure",
+}
 _NO_LOCAL_COPY = {"memory", "file", "local"}
 
 
@@ -49,7 +57,9 @@ def install_hint(protocol: str) -> str:
         "pip install 'crystallize-lab[s3]'"
     """
     extra = EXTRAS.get(protocol)
-    return f"pip install 'crystallize-lab[{extra}]'" if extra else "pip install fsspec (and the package for this protocol)"
+    return (
+        f"pip install 'crystallize-lab[{extra}]'" if extra else "pip install fsspec (and the package for this protocol)"
+    )
 
 
 class FsspecStore:
@@ -110,7 +120,8 @@ class FsspecStore:
             except ImportError as exc:
                 raise ImportError(
                     f"The cache store {self.url!r} needs fsspec and its {self.protocol!r} backend, "
-                    f"which are not installed ({exc}): {install_hint(self.protocol)}") from exc
+                    f"which are not installed ({exc}): {install_hint(self.protocol)}"
+                ) from exc
             self._root = self._root.rstrip("/")
         return self._fs
 
@@ -132,6 +143,7 @@ class FsspecStore:
                 return bytes(self.fs.cat_file(self._path(namespace, key), **options))
             except FileNotFoundError:
                 return None
+
         return self._io(read)
 
     def _serial_reads(self) -> bool:
@@ -163,6 +175,7 @@ class FsspecStore:
                 return False
             self.fs.pipe_file(path, blob)
             return True
+
         return self._io(create)
 
     def contains(self, namespace: str, key: str) -> bool:
@@ -174,6 +187,7 @@ class FsspecStore:
                 self.fs.rm_file(self._path(namespace, key))
             except FileNotFoundError:
                 pass
+
         self._io(remove)
 
     def lease_scopes(self, namespace: str, key: str) -> list[Any]:
@@ -188,7 +202,7 @@ class FsspecStore:
         prefix = self._root + "/"
         for path, info in sorted(found.items()):
             path = path if path.startswith(prefix) else "/" + path.lstrip("/")
-            parts = path[len(prefix):].split("/") if path.startswith(prefix) else []
+            parts = path[len(prefix) :].split("/") if path.startswith(prefix) else []
             if len(parts) != 2:
                 continue  # not written by crystallize
             yield StoredObject(parts[0], parts[1], int(info.get("size") or 0), _modified(info))
@@ -233,9 +247,14 @@ class UrlStore(ReadThroughStore):
         >>> exp = Experiment(datasource, pipeline, cache=store)  # doctest: +SKIP
     """
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *,
-                 local_dir: str | os.PathLike[str] | bool | None = None,
-                 local_max_bytes: int = DEFAULT_LOCAL_BYTES) -> None:
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        local_dir: str | os.PathLike[str] | bool | None = None,
+        local_max_bytes: int = DEFAULT_LOCAL_BYTES,
+    ) -> None:
         remote = FsspecStore(url, storage_options)
         if local_dir is None and remote.protocol in _NO_LOCAL_COPY:
             local_dir = False

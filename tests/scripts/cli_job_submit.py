@@ -23,13 +23,32 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def submit(address: str, out: Path, *extra: str) -> dict:
-    command = ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
-               "crystallize", "run", "tests/scripts/cli_example.py", "--backend", "ray", "--replicates", "3",
-               "--out", str(out), "--no-journal", *extra]
+    command = [
+        "ray",
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        ".",
+        "--",
+        "crystallize",
+        "run",
+        "tests/scripts/cli_example.py",
+        "--backend",
+        "ray",
+        "--replicates",
+        "3",
+        "--out",
+        str(out),
+        "--no-journal",
+        *extra,
+    ]
     deadline = time.time() + 90
     while True:
-        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,
-                              env={**os.environ, "RAY_ADDRESS": address})
+        proc = subprocess.run(
+            command, cwd=ROOT, capture_output=True, text=True, timeout=240, env={**os.environ, "RAY_ADDRESS": address}
+        )
         # The jobs API answers before the node's job agent is up; Ray asks to retry.
         if "No available agent" not in proc.stderr or time.time() > deadline:
             return {"returncode": proc.returncode, "logs": proc.stdout + proc.stderr}
@@ -39,10 +58,16 @@ def submit(address: str, out: Path, *extra: str) -> dict:
 def main() -> None:
     out = Path(sys.argv[1])
     port = job_submit.free_port()
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
-        "dashboard_agent_listen_port": job_submit.free_port(),
-    })
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": port,
+            "dashboard_agent_listen_port": job_submit.free_port(),
+        },
+    )
     try:
         address = f"http://127.0.0.1:{port}"
         job_submit.wait_for(f"{address}/api/version", 60)

@@ -117,36 +117,50 @@ def backend():
 
         # A fresh Ray on loopback for this script only; token auth is not under test.
         os.environ["RAY_AUTH_MODE"] = "disabled"
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR,
-                 log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
         return RayExecution(batch_size=1)
     raise SystemExit(f"unknown backend {BACKEND!r}")
 
 
 def main() -> None:
     step = anap() if BACKEND == "async" else nap()
-    exp = Experiment(lambda ctx: None, Pipeline([step]), plugins=[RecordChildren(), backend()],
-                     name=f"interrupt_{BACKEND}", cache=False)
+    exp = Experiment(
+        lambda ctx: None,
+        Pipeline([step]),
+        plugins=[RecordChildren(), backend()],
+        name=f"interrupt_{BACKEND}",
+        cache=False,
+    )
     try:
         result = exp.run(replicates=30)
     except KeyboardInterrupt as exc:
         partial = exc.partial_result
         children = json.loads((OUT / "children.json").read_text()) if (OUT / "children.json").exists() else []
-        print(json.dumps({
-            "partial_runs": len(partial.runs),
-            "partial_replicates": sorted(r.replicate for r in partial.runs),
-            "errors": [str(e) for e in partial.errors],
-            "complete": partial.provenance["complete"],
-            "started_at_raise": _lines("started.txt"),
-            "finished_at_raise": _lines("finished.txt"),
-            "children_alive_at_raise": [pid for pid in children if alive(pid)],
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "partial_runs": len(partial.runs),
+                    "partial_replicates": sorted(r.replicate for r in partial.runs),
+                    "errors": [str(e) for e in partial.errors],
+                    "complete": partial.provenance["complete"],
+                    "started_at_raise": _lines("started.txt"),
+                    "finished_at_raise": _lines("finished.txt"),
+                    "children_alive_at_raise": [pid for pid in children if alive(pid)],
+                }
+            ),
+            flush=True,
+        )
         time.sleep(SETTLE)
-        print(json.dumps({
-            "started_later": _lines("started.txt"),
-            "finished_later": _lines("finished.txt"),
-            "in_flight_workers_alive_later": in_flight_workers_alive(),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "started_later": _lines("started.txt"),
+                    "finished_later": _lines("finished.txt"),
+                    "in_flight_workers_alive_later": in_flight_workers_alive(),
+                }
+            ),
+            flush=True,
+        )
         return
     print(json.dumps({"finished_without_interrupt": len(result.runs)}), flush=True)
 

@@ -46,27 +46,50 @@ def wait_for(url: str, seconds: float) -> None:
 
 def main() -> None:
     port = free_port()
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
-        # Another Ray on this machine (the test session's) holds the default agent port.
-        "dashboard_agent_listen_port": free_port(),
-    })
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": port,
+            # Another Ray on this machine (the test session's) holds the default agent port.
+            "dashboard_agent_listen_port": free_port(),
+        },
+    )
     try:
         address = f"http://127.0.0.1:{port}"
         wait_for(f"{address}/api/version", 60)
         cache = tempfile.mkdtemp(prefix="crystallize-job-cache-")
-        env = {**os.environ, "RAY_ADDRESS": address, "CRYSTALLIZE_CACHE_DIR": cache,
-               "CRYSTALLIZE_PIP": ""}  # the node already has crystallize (this venv)
+        env = {
+            **os.environ,
+            "RAY_ADDRESS": address,
+            "CRYSTALLIZE_CACHE_DIR": cache,
+            "CRYSTALLIZE_PIP": "",
+        }  # the node already has crystallize (this venv)
         deadline = time.time() + 90
         while True:
-            proc = subprocess.run(["bash", "cluster/submit_job.sh", "--replicates", "4"], cwd=ROOT,
-                                  env=env, capture_output=True, text=True, timeout=180)
+            proc = subprocess.run(
+                ["bash", "cluster/submit_job.sh", "--replicates", "4"],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
             # The jobs API answers before the node's job agent is up; Ray asks to retry.
             if "No available agent" not in proc.stderr or time.time() > deadline:
                 break
             time.sleep(2)
-        print(json.dumps({"returncode": proc.returncode, "logs": proc.stdout + proc.stderr,
-                          "cache_entries": len(list(Path(cache).rglob("*.pkl")))}))
+        print(
+            json.dumps(
+                {
+                    "returncode": proc.returncode,
+                    "logs": proc.stdout + proc.stderr,
+                    "cache_entries": len(list(Path(cache).rglob("*.pkl"))),
+                }
+            )
+        )
     finally:
         cluster.shutdown()
 

@@ -107,23 +107,29 @@ def main() -> None:
 
         # A fresh Ray on loopback for this driver only; token auth is not under test.
         os.environ["RAY_AUTH_MODE"] = "disabled"
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR,
-                 log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
         backend = RayExecution(batch_size=1)
     exp = build(None, str(out), backend=backend, journal=str(out / "journal"))
     exp.plugins.append(RecordChildren(out))
     result = exp.run(resume=resume)
-    print(json.dumps({
-        "runs": sorted([r.replicate, r.condition] for r in result.runs),
-        "errors": [str(e) for e in result.errors],
-        "seed": result.provenance["seed"],
-        "resumed": result.provenance["resumed"],
-        "journal": result.provenance["journal"],
-        "metrics": {"baseline": result.metrics.baseline.metrics,
-                    "shifted": result.metrics.treatments["shifted"].metrics},
-        "seeds": sorted([r.replicate, r.condition, r.seed] for r in result.runs),
-        "hypothesis": result.get_hypothesis("shift_helps").results,
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "runs": sorted([r.replicate, r.condition] for r in result.runs),
+                "errors": [str(e) for e in result.errors],
+                "seed": result.provenance["seed"],
+                "resumed": result.provenance["resumed"],
+                "journal": result.provenance["journal"],
+                "metrics": {
+                    "baseline": result.metrics.baseline.metrics,
+                    "shifted": result.metrics.treatments["shifted"].metrics,
+                },
+                "seeds": sorted([r.replicate, r.condition, r.seed] for r in result.runs),
+                "hypothesis": result.get_hypothesis("shift_helps").results,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -66,15 +66,19 @@ def main() -> None:
     deadline = time.time() + 60  # the GCS notices a killed node after a few heartbeats
     while any(n["NodeID"] == doomed_id and n["Alive"] for n in ray.nodes()) and time.time() < deadline:
         time.sleep(0.5)
-    print(json.dumps({
-        "runs": sorted(r.replicate for r in result.runs),
-        "errors": [str(e) for e in result.errors],
-        "values": result.metrics.baseline.metrics.get("value", []),
-        "ran_on_removed_node": sum(1 for n in nodes if n == doomed_id),
-        "alive_nodes": sum(1 for n in ray.nodes() if n["Alive"]),
-        "results_before_removal": remover.removed_after,
-        "seconds": time.time() - started,
-    }))
+    print(
+        json.dumps(
+            {
+                "runs": sorted(r.replicate for r in result.runs),
+                "errors": [str(e) for e in result.errors],
+                "values": result.metrics.baseline.metrics.get("value", []),
+                "ran_on_removed_node": sum(1 for n in nodes if n == doomed_id),
+                "alive_nodes": sum(1 for n in ray.nodes() if n["Alive"]),
+                "results_before_removal": remover.removed_after,
+                "seconds": time.time() - started,
+            }
+        )
+    )
     ray.shutdown()
     cluster.shutdown()
 

@@ -46,24 +46,33 @@ def where(data, ctx):
 
 def main() -> None:
     endpoint, bucket, workdir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     calls = workdir / "calls.txt"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     nodes = {}
     for name in ("a", "b"):
         local = workdir / f"node-{name}"
-        nodes[name] = cluster.add_node(num_cpus=1, resources={f"node_{name}": 1},
-                                       env_vars={"CRYSTALLIZE_CACHE_DIR": str(local)})
+        nodes[name] = cluster.add_node(
+            num_cpus=1, resources={f"node_{name}": 1}, env_vars={"CRYSTALLIZE_CACHE_DIR": str(local)}
+        )
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     store = UrlStore(f"s3://{bucket}/cluster")
     report: dict = {}
 
     def run(node: str, variant: str, shared: bool) -> list:
-        exp = Experiment(lambda ctx: [1, 2, 3], [embed(calls_file=str(calls), variant=variant), where()], replicates=2,
-                         cache=store,
-                         plugins=[RayExecution(resources={f"node_{node}": 1}, object_store_cache=shared)])
+        exp = Experiment(
+            lambda ctx: [1, 2, 3],
+            [embed(calls_file=str(calls), variant=variant), where()],
+            replicates=2,
+            cache=store,
+            plugins=[RayExecution(resources={f"node_{node}": 1}, object_store_cache=shared)],
+        )
         result = exp.run()
         assert result.errors == [], result.errors
         return [{"cache": r.provenance[0].cache, "node": r.metrics["node"][0]} for r in result.runs]
