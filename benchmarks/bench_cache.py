@@ -218,8 +218,8 @@ def bench_signing(repeat: int, hit_seconds: float) -> None:
     assert verify(mac, body, key)
     loops = 200
     timings = [
-        ("sign (HMAC-SHA256, ours)", lambda: sign(body, key)),
-        ("verify (HMAC-SHA256, ours)", lambda: verify(mac, body, key)),
+        ("sign (AES-GMAC, ours)", lambda: sign(body, key)),
+        ("verify (AES-GMAC, ours)", lambda: verify(mac, body, key)),
         ("keyed blake2b (alternative)", lambda: hashlib.blake2b(body, key=key).digest()),
         ("xxh3-128 checksum (before signing)", lambda: xxhash.xxh3_128_digest(body)),
     ]
