@@ -244,24 +244,33 @@ class ProcessRuns:
                 self._retire(worker)  # it served its runs: a fresh process takes its place
         while len(self.workers) < self._most and (self.todo or self.retry):
             self.workers.append(self._start())
-        for worker in self.workers:
-            while len(worker.batches) < _QUEUED and (self.todo or self.retry):
+        # Round by round, so every worker has a batch before any gets a second; and a
+        # second only while plenty is left: a batch queued behind a long run cannot move
+        # to a worker that falls idle, which would stretch the tail of the run.
+        plenty = len(self.todo) >= _QUEUED * len(self.workers) * self._size
+        for depth in range(_QUEUED if plenty else 1):
+            for worker in self.workers:
+                if len(worker.batches) > depth or not (self.todo or self.retry):
+                    continue
                 room = self._size if self._max_runs is None else min(self._size, self._max_runs - worker.served)
                 if room <= 0:
-                    break
+                    continue
                 if self.retry:  # alone, so a second death is surely its own
                     if worker.batches:
-                        break
+                        continue
                     specs = [self.retry.popleft()]
                 else:
                     specs = [self.todo.popleft() for _ in range(min(room, len(self.todo)))]
-                self._seq += 1
-                worker.batches.append(_Batch(self._seq, specs))
-                worker.served += len(specs)
-                try:
-                    worker.conn.send((self._seq, specs))
-                except OSError:  # it died: its sentinel is ready, and the runs are handed out again
-                    break
+                self._send(worker, specs)
+
+    def _send(self, worker: _Worker, specs: list[RunSpec]) -> None:
+        self._seq += 1
+        worker.batches.append(_Batch(self._seq, specs))
+        worker.served += len(specs)
+        try:
+            worker.conn.send((self._seq, specs))
+        except OSError:  # it died: its sentinel is ready, and its runs are handed out again
+            pass
 
     def _retire(self, worker: _Worker) -> None:
         try:
