@@ -213,8 +213,8 @@ def test_workers_are_replaced_every_max_runs_per_worker_runs_so_a_leak_stays_bou
     result = exp.run()
     assert result.errors == []
     pids, rss = result.metrics.baseline.metrics["pid"], result.metrics.baseline.metrics["rss"]
-    assert len(set(pids)) == 6  # 12 runs, 2 per worker
-    assert all(pids.count(pid) == 2 for pid in set(pids))
+    assert all(pids.count(pid) <= 2 for pid in set(pids))  # no worker served more than 2 runs
+    assert len(set(pids)) >= 6
     assert max(rss) - min(rss) < 30  # one leak of 20 MiB at most on top of a fresh worker
 
     unbounded = Experiment(
