@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from crystallize import Result
-from crystallize.cli import parse_setting
+from crystallize.run_cli import parse_setting
 
 ROOT = Path(__file__).parents[1]
 EXAMPLE = ROOT / "tests" / "scripts" / "cli_example.py"
