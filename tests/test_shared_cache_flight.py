@@ -263,7 +263,9 @@ def test_jobs_sharing_a_bucket_compute_a_missing_entry_once(flight_steps, s3_buc
     reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     assert calls(counter) == 1
     assert sorted(r["cache"] for r in reports) == ["hit", "hit", "miss"]
-    assert all(r["waited"] > 0 for r in reports if r["cache"] == "hit")
+    # A job slow to start (a loaded machine) may find the entry already stored and hit
+    # without waiting; at least one of the two released with the computing job waited.
+    assert any(r["waited"] > 0 for r in reports if r["cache"] == "hit")
 
 
 def test_a_cache_store_without_leases_still_has_single_flight_in_process(counter):
