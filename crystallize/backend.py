@@ -25,6 +25,19 @@ The pieces, in the order a backend uses them::
                               records for runs that failed outside the run itself
     running_step()            which step a run is in now and on which line, for a
                               backend that stops runs that exceed ``timeout=``
+
+Hosting a step elsewhere (crystallize_ray keeps heavy steps in actor pools), see
+:mod:`crystallize.invokers`::
+
+    serialize_step()          in the driver: one step as its recipe, user code by value
+    deserialize_step()        where it lives: build it, then call its setup() once
+    host_steps()              in the driver: the experiment to ship, those steps as
+                              stand-ins that carry their name and cache identity
+    steps_set_up(job, invokers={index: invoker})
+                              in the run's process: the step's calls go to its
+                              invoker; the cache is looked up first, here
+    call_step(), acall_step() where it lives: one call from a StepCall, its
+                              StepEffects recorded for the run to replay
     default_cache_store()     resolve the default store in the driver, before
                               shipping (workers may run in another directory)
 
@@ -62,6 +75,14 @@ from ._drive import is_interrupt
 from .context import active_context
 from .errors import ConfigurationError, WorkerCrashedError
 from .fingerprint import _is_user_file
+from .invokers import (
+    StepCall,
+    StepEffects,
+    StepInvoker,
+    acall_step,
+    call_step,
+    host_steps,
+)
 from .plugins import BasePlugin
 from .result import RunResult
 from .runner import (
@@ -74,7 +95,14 @@ from .runner import (
     steps_set_up,
     worker_died,
 )
-from .serialization import deserialize_experiment, pack_results, serialize_experiment, unpack_results
+from .serialization import (
+    deserialize_experiment,
+    deserialize_step,
+    pack_results,
+    serialize_experiment,
+    serialize_step,
+    unpack_results,
+)
 from .signing import CacheKeyError, cache_key
 from .stores import KeyedStore, default_cache_store
 
@@ -87,14 +115,21 @@ __all__ = [
     "RunSpec",
     "RunnableExperiment",
     "SetUpSteps",
+    "StepCall",
+    "StepEffects",
+    "StepInvoker",
     "WorkerCrashedError",
+    "acall_step",
     "aexecute_run",
     "batched",
+    "call_step",
     "check_option",
     "default_cache_store",
     "deserialize_experiment",
+    "deserialize_step",
     "execute_run",
     "failed_run",
+    "host_steps",
     "is_int",
     "is_interrupt",
     "is_seconds",
@@ -102,6 +137,7 @@ __all__ = [
     "resolve_cache",
     "running_step",
     "serialize_experiment",
+    "serialize_step",
     "steps_set_up",
     "timed_out",
     "unpack_results",

@@ -22,6 +22,7 @@ from .errors import ParameterError, PipelineError, StepError
 from .explain import RECORD_KEY, KeyParts, remember, why_missed
 from .fingerprint import code_fingerprint
 from .hashing import UnhashableValueError, hash_struct, hash_value
+from .invokers import StepInvoker, replay_effects, step_call
 from .provenance import CacheStatus, StepRecord
 from .randomness import capture, consumed, restore
 from .steps import FunctionStep, PipelineStep, is_step_factory, step_key
@@ -113,12 +114,21 @@ class Pipeline:
             step.forget_cache_identity()
 
     # -- the one step loop ----------------------------------------------------
-    def loop(self, data: Any, ctx: FrozenContext, cache: CacheStore | str | bool | None = None) -> Loop:
+    def loop(
+        self,
+        data: Any,
+        ctx: FrozenContext,
+        cache: CacheStore | str | bool | None = None,
+        *,
+        invokers: Mapping[int, StepInvoker] | None = None,
+    ) -> Loop:
         """The step loop as a generator that yields each awaitable a step returns.
 
         :meth:`run` and :meth:`arun` drive it; a runner drives it inside a larger
         generator (``yield from pipeline.loop(...)``) so one run is written once for
         sync and async execution. The generator's return value is the last output.
+        ``invokers`` maps a step's index to the invoker that calls it where a backend
+        hosts it (see :mod:`crystallize.invokers`); the cache is looked up here first.
 
         Raises:
             StepError: a step raised (the step's exception is ``__cause__``).
@@ -132,7 +142,8 @@ class Pipeline:
         token = _ACTIVE.set(ctx)
         try:
             for index, step in enumerate(self.steps):
-                data = yield from _run_step(index, step, data, ctx, step_cache)
+                invoker = invokers.get(index) if invokers else None
+                data = yield from _run_step(index, step, data, ctx, step_cache, invoker)
         finally:
             try:
                 _ACTIVE.reset(token)
@@ -162,9 +173,17 @@ class _Miss:
         self.reason, self.namespace, self.record = reason, namespace, record
 
 
-def _run_step(index: int, step: PipelineStep, data: Any, ctx: FrozenContext, cache: StepCache | None) -> Loop:
-    """Run one step: resolve parameters, look the cache up, call, record provenance."""
+def _run_step(
+    index: int,
+    step: PipelineStep,
+    data: Any,
+    ctx: FrozenContext,
+    cache: StepCache | None,
+    invoker: StepInvoker | None = None,
+) -> Loop:
+    """Run one step: resolve parameters, look the cache up, call (or invoke), record provenance."""
     started = time.perf_counter()
+    served_by = None
     flight = None
     caching = step.cacheable and cache is not None
     # A cacheable step's reads are digested as they happen (see _StepRecorder).
@@ -205,9 +224,17 @@ def _run_step(index: int, step: PipelineStep, data: Any, ctx: FrozenContext, cac
             # What the step may draw from, as it finds it (see crystallize.randomness).
             generators = _capture(step, ctx)
         try:
-            output = _invoke(step, data, ctx, params)
-            if inspect.isawaitable(output):
-                output = yield output
+            if invoker is None:
+                output = _invoke(step, data, ctx, params)
+                if inspect.isawaitable(output):
+                    output = yield output
+            else:  # hosted elsewhere: its effects come back and are applied here
+                call = step_call(ctx, params)
+                effects = invoker(step, data, call)
+                if inspect.isawaitable(effects):
+                    effects = yield effects
+                output = replay_effects(effects, call, ctx)
+                served_by = effects.served_by
         except BaseException as exc:
             if is_interrupt(exc):
                 raise
@@ -232,6 +259,7 @@ def _run_step(index: int, step: PipelineStep, data: Any, ctx: FrozenContext, cac
             started,
             miss.reason if miss else None,
             waited=flight.waited if flight is not None else 0.0,
+            served_by=served_by,
         )
         return output
     finally:
@@ -408,6 +436,7 @@ def _record(
     miss_reason: str | None = None,
     *,
     waited: float = 0.0,
+    served_by: str | None = None,
 ) -> None:
     ctx.provenance.append(
         StepRecord(
@@ -422,6 +451,7 @@ def _record(
             seconds=time.perf_counter() - started,
             miss_reason=miss_reason,
             waited=waited,
+            served_by=served_by,
         )
     )
 

@@ -46,6 +46,9 @@ class StepRecord:
         waited: seconds this run waited while another run computed the same entry
             (single flight); the step is then a ``"hit"`` (or, if the other run
             failed, a ``"miss"`` computed here).
+        served_by: where the step ran when a backend hosts it elsewhere (e.g.
+            ``"actor=<id> node=<id> pid=<pid>"`` for a Ray actor pool); ``None`` when it
+            ran in the run's own process or was a cache hit.
     """
 
     name: str
@@ -59,3 +62,4 @@ class StepRecord:
     seconds: float = 0.0
     miss_reason: str | None = None
     waited: float = 0.0
+    served_by: str | None = None

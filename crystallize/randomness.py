@@ -57,15 +57,21 @@ def source_name(key: tuple[str, ...]) -> str:
     return key[2]
 
 
-def capture(ctx: Any) -> list[tuple[tuple[str, ...], Any, Any]]:
-    """The state of every generator a step could draw from, as ``(key, owner, state)``."""
-    taken: list[tuple[tuple[str, ...], Any, Any]] = [(_GLOBAL_RANDOM, random, random.getstate())]
-    np_random = sys.modules.get("numpy.random")
-    if np_random is not None:
-        taken.append((_GLOBAL_NUMPY, np_random, np_random.get_state()))
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        taken.append((_GLOBAL_TORCH, torch, _torch_bytes(torch.get_rng_state())))
+def capture(ctx: Any, *, globals_too: bool = True) -> list[tuple[tuple[str, ...], Any, Any]]:
+    """The state of every generator a step could draw from, as ``(key, owner, state)``.
+
+    ``globals_too=False``: only the context's generators (a caller that already
+    knows the global generators' states, e.g. a step hosted elsewhere).
+    """
+    taken: list[tuple[tuple[str, ...], Any, Any]] = []
+    if globals_too:
+        taken.append((_GLOBAL_RANDOM, random, random.getstate()))
+        np_random = sys.modules.get("numpy.random")
+        if np_random is not None:
+            taken.append((_GLOBAL_NUMPY, np_random, np_random.get_state()))
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            taken.append((_GLOBAL_TORCH, torch, _torch_bytes(torch.get_rng_state())))
     for name, value in ctx._stored_items():
         if _is_generator(value):
             taken.append(((*PREFIX, f"ctx:{name}"), value, _state(value)))

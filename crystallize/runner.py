@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from ._drive import Loop, adrive, drive, is_interrupt
 from .context import FrozenContext
 from .errors import ParameterError, StepError, WorkerCrashedError
+from .invokers import StepInvoker
 from .pipeline import Pipeline
 from .result import RunError, RunResult
 from .stores import CacheStore
@@ -82,21 +83,39 @@ class RunSpec:
         return f"crystallize:{experiment_name or 'experiment'} r={self.replicate} {self.condition}"
 
 
-def execute_run(experiment: RunnableExperiment, replicate: int, condition: str) -> RunResult:
+def execute_run(
+    experiment: RunnableExperiment,
+    replicate: int,
+    condition: str,
+    *,
+    invokers: Mapping[int, StepInvoker] | None = None,
+) -> RunResult:
     """Run one replicate of one condition synchronously; never raises for run failures.
+
+    Args:
+        invokers: step index -> the invoker that calls that step where the backend
+            hosts it (see :mod:`crystallize.invokers`).
 
     Raises:
         KeyboardInterrupt: only Ctrl-C escapes; every other failure is recorded.
     """
-    return drive(_run(experiment, replicate, condition))
+    return drive(_run(experiment, replicate, condition, invokers))
 
 
-async def aexecute_run(experiment: RunnableExperiment, replicate: int, condition: str) -> RunResult:
+async def aexecute_run(
+    experiment: RunnableExperiment,
+    replicate: int,
+    condition: str,
+    *,
+    invokers: Mapping[int, StepInvoker] | None = None,
+) -> RunResult:
     """Like :func:`execute_run`, awaiting async work in the running event loop."""
-    return await adrive(_run(experiment, replicate, condition))
+    return await adrive(_run(experiment, replicate, condition, invokers))
 
 
-def _run(experiment: RunnableExperiment, replicate: int, condition: str) -> Loop:
+def _run(
+    experiment: RunnableExperiment, replicate: int, condition: str, invokers: Mapping[int, StepInvoker] | None = None
+) -> Loop:
     started = time.perf_counter()
     ctx = FrozenContext.for_run(experiment.initial_ctx, replicate=replicate, condition=condition)
     error: RunError | None = None
@@ -114,7 +133,7 @@ def _run(experiment: RunnableExperiment, replicate: int, condition: str) -> Loop
         if inspect.isawaitable(data):
             data = yield data
         where = "pipeline"
-        yield from experiment.pipeline.loop(data, ctx, experiment.cache)
+        yield from experiment.pipeline.loop(data, ctx, experiment.cache, invokers=invokers)
     except StepError as exc:
         error = _error(replicate, condition, exc.step, exc.__cause__ or exc)
     except ParameterError as exc:
@@ -193,12 +212,17 @@ class SetUpSteps:
     needs the step (all of them) is recorded as failed at ``<Step>.setup``, naming
     the exception, on every backend alike; ``run()`` then returns with those errors.
 
+    Steps the backend hosts elsewhere (the indexes in ``invokers``) are neither set up
+    nor torn down here: where they live does that.
+
     Attributes:
         error: the failure of the first ``setup()`` that raised, or ``None``.
+        invokers: step index -> invoker, for the steps hosted elsewhere.
     """
 
-    def __init__(self, experiment: RunnableExperiment) -> None:
+    def __init__(self, experiment: RunnableExperiment, invokers: Mapping[int, StepInvoker] | None = None) -> None:
         self.experiment = experiment
+        self.invokers: dict[int, StepInvoker] = dict(invokers or {})
         self.error: tuple[str, BaseException] | None = None
         self._done: list[Any] = []
         self._ctx = FrozenContext(experiment.initial_ctx)
@@ -211,7 +235,9 @@ class SetUpSteps:
         rebound between two runs is a miss, not a stale hit).
         """
         self.experiment.pipeline.forget_cache_identities()
-        for step in self.experiment.pipeline.steps:
+        for index, step in enumerate(self.experiment.pipeline.steps):
+            if index in self.invokers:
+                continue  # set up where it is hosted
             try:
                 step.setup(self._ctx)
             except BaseException as exc:
@@ -242,13 +268,13 @@ class SetUpSteps:
         """:func:`execute_run`, or the set-up failure recorded on this run."""
         if self.error is not None:
             return self._failed(replicate, condition)
-        return execute_run(self.experiment, replicate, condition)
+        return execute_run(self.experiment, replicate, condition, invokers=self.invokers)
 
     async def arun(self, replicate: int, condition: str) -> RunResult:
         """:func:`aexecute_run`, or the set-up failure recorded on this run."""
         if self.error is not None:
             return self._failed(replicate, condition)
-        return await aexecute_run(self.experiment, replicate, condition)
+        return await aexecute_run(self.experiment, replicate, condition, invokers=self.invokers)
 
     def _failed(self, replicate: int, condition: str) -> RunResult:
         where, exc = self.error  # type: ignore[misc]
@@ -257,8 +283,13 @@ class SetUpSteps:
 
 
 @contextmanager
-def steps_set_up(experiment: RunnableExperiment) -> Iterator[SetUpSteps]:
+def steps_set_up(
+    experiment: RunnableExperiment, invokers: Mapping[int, StepInvoker] | None = None
+) -> Iterator[SetUpSteps]:
     """Set every step up (``setup(ctx)``), yield the host, tear them down on the way out.
+
+    ``invokers`` (step index -> invoker) names the steps the backend hosts elsewhere:
+    they are not set up here, and their calls go to their invoker.
 
     Example:
         >>> from crystallize import Experiment, pipeline_step
@@ -270,7 +301,7 @@ def steps_set_up(experiment: RunnableExperiment) -> Iterator[SetUpSteps]:
         ...     host.run(0, "baseline").metrics
         {'x': [4]}
     """
-    host = SetUpSteps(experiment)
+    host = SetUpSteps(experiment, invokers)
     try:
         host.set_up()
         yield host

@@ -35,8 +35,12 @@ class PipelineStep:
     the class attribute ``cacheable = True`` when outputs may be reused,
     ``version = "..."`` to key the cache on a label instead of the code, and
     ``heavy = True`` to ship the step as its recipe (class + constructor arguments)
-    so process and Ray workers build their own instance, once per worker, instead of
-    pickling the loaded resource.
+    instead of pickling the loaded resource: process workers build their own
+    instance, once per worker; under ``RayExecution`` the step becomes a pool of Ray
+    actors, each building it and calling ``setup()`` once, and the runs send their
+    calls there. The class attributes ``pool_size``, ``num_cpus``, ``num_gpus`` and
+    ``resources`` size that pool (see ``crystallize_ray.pools``); load the model in
+    ``setup()``, not ``__init__``, so the driver never loads it.
 
     Example:
         >>> class AddOne(PipelineStep):
@@ -49,6 +53,13 @@ class PipelineStep:
     cacheable: bool = False
     heavy: bool = False
     version: str | None = None
+    #: A heavy step's actor pool under RayExecution: how many actors (``None``: as many
+    #: as the cluster's resources allow, at most one per run), and what each one holds.
+    #: ``RayExecution(heavy={"ClassName": {...}})`` overrides them per backend.
+    pool_size: int | None = None
+    num_cpus: float = 1
+    num_gpus: float = 0
+    resources: Mapping[str, float] | None = None
 
     # Whether the constructor arguments are this class's recipe (part of its identity).
     _records_recipe: bool = True

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import sys
 
-import cloudpickle
 import pytest
 
 from crystallize import (
@@ -18,9 +17,6 @@ from crystallize import (
     SerialExecution,
     pipeline_step,
 )
-
-# Ray workers cannot import this test module by name; ship its functions by value.
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 class Boom(BaseException):

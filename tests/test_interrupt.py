@@ -19,7 +19,6 @@ import threading
 import time
 from pathlib import Path
 
-import cloudpickle
 import pytest
 
 from crystallize import (
@@ -36,8 +35,6 @@ from crystallize import (
 SCRIPT = Path(__file__).parent / "scripts" / "interrupt_driver.py"
 ROOT = Path(__file__).parents[1]
 
-# Ray workers cannot import this test module by name; ship its functions by value.
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 LOCAL = [
     pytest.param(lambda: SerialExecution(), id="serial"),
