@@ -1,52 +1,45 @@
-"""RayExecution: every run of an experiment as a Ray task, streamed back with ray.wait.
+"""RayExecution: every run of an experiment as a Ray task; heavy steps as actor pools.
 
-The experiment is serialized once per ``run()`` and put in the object store once;
-each task carries the object reference plus a batch of ``(replicate, condition)``
-pairs, and each worker deserializes an experiment once. At most ``max_in_flight``
-tasks are outstanding, so an experiment of 100,000 runs never holds 100,000 futures.
-Tasks lost with their worker process or node are retried by Ray (``max_retries``);
-a batch that still fails is split and its runs retried alone, so only the run that
-really cannot complete is recorded as failed.
+Per ``run()``, in the driver: the cache is resolved, each heavy step's pool is
+specified (:mod:`crystallize_ray.pools`), the experiment is serialized once with those
+steps as stand-ins and put in the object store once. Ray is connected (an embedded
+Ray, once started, stays up for later runs: :mod:`crystallize_ray.session`), the pools
+are placed and set up — or reused — before any run is submitted, and the runs stream
+through a bounded window of tasks (:mod:`crystallize_ray._stream`). Each worker loads
+an experiment once and sends its heavy steps' calls to their pools.
 
 On Ctrl-C no new task is submitted, the tasks that are done within a short grace
 are collected, every other outstanding task is cancelled (``ray.cancel(force=True)``
-kills the worker of a running one), and an embedded Ray this backend started is
-shut down before ``KeyboardInterrupt`` propagates; a second Ctrl-C does not leave
-tasks behind.
+kills the worker of a running one), and an embedded Ray crystallize started is shut
+down, pools included, before ``KeyboardInterrupt`` propagates; a second Ctrl-C does
+not leave tasks behind.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
-import time
-from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from crystallize.backend import (
-    GRACE_SECONDS,
-    WAIT_SLICE_SECONDS,
     ExecutionBackend,
     RunResult,
     RunSpec,
     check_option,
     failed_run,
+    host_steps,
     is_int,
+    is_seconds,
     resolve_cache,
     serialize_experiment,
-    unpack_results,
-    worker_died,
 )
 
-from . import _worker, cache_tier
+from . import _stream, _worker, cache_tier, session
+from .pools import POOL_OPTIONS, check_pool_option, heavy_specs, pools, with_runtime_env
 
 __all__ = ["RayExecution"]
 
 INSTALL_HINT = "pip install 'crystallize-lab[ray]'"
-_TARGET_BATCH_SECONDS = 0.05
-_MAX_BATCH = 256
 
 log = logging.getLogger("crystallize_ray")
 
@@ -61,32 +54,63 @@ def import_ray() -> Any:
 
 
 class RayExecution(ExecutionBackend):
-    """Run each replicate × condition as a Ray task; use it like ParallelExecution.
+    """Run each replicate × condition as a Ray task; heavy steps as actor pools.
 
     Connecting: if Ray is already initialised in this process it is used as is;
-    otherwise ``address``, else ``$RAY_ADDRESS``, else an embedded local Ray is
-    started. Whatever this backend started is shut down at the end of ``run()``.
+    otherwise ``address``, else ``$RAY_ADDRESS``, else ``ray.init()`` joins a local
+    ``ray start`` or starts an embedded Ray. What crystallize started stays up for
+    the next ``run()`` — no second start-up — until :meth:`shutdown` (or the end of a
+    ``with RayExecution() as backend:`` block) or the interpreter exits.
+
+    Every ``heavy = True`` class step becomes a pool of actors, each building the
+    step from its recipe and calling ``setup()`` once (never in the driver); runs
+    send their calls to it. Pools are placed before runs are submitted and reused by
+    later ``run()`` calls while the step's recipe and resources are unchanged (see
+    :mod:`crystallize_ray.pools` for sizing and ``heavy=``).
 
     On Ctrl-C ``run()`` raises ``KeyboardInterrupt`` within about a second with the
     finished runs in ``exc.partial_result``: tasks not yet done are cancelled
-    (running ones by killing their worker), and an embedded Ray is shut down.
+    (running ones by killing their worker), and an embedded Ray crystallize started
+    is shut down, pools included (their ``teardown()`` does not run).
 
     Args:
         address: a Ray cluster address (``"auto"``, ``"ray://host:10001"``...).
         num_cpus: CPUs each task reserves.
         num_gpus: GPUs each task reserves.
         resources: custom resources each task reserves, e.g. ``{"accelerator": 1}``.
-        runtime_env: a Ray runtime environment for the tasks (pip packages,
-            ``working_dir``, env vars).
-        max_retries: how often Ray retries a task whose worker process or node died.
-        max_in_flight: the most tasks outstanding at once; default four per CPU
-            of the cluster (at least 16).
+        runtime_env: a Ray runtime environment (pip packages, ``working_dir``, env
+            vars), applied to the whole job when crystallize starts or joins Ray;
+            when Ray is already initialised, ``working_dir``/``py_modules`` must be
+            given to your ``ray.init`` instead (a ``ConfigurationError`` says so) and
+            the other keys apply to each task and actor.
+        max_retries: how often Ray retries a task whose worker process or node died;
+            also how often a heavy step's call is sent again when its actor died.
+        max_in_flight: the most tasks outstanding at once; default four per task
+            slot of the cluster (at least 16).
         batch_size: runs per task; ``None`` (default) adapts: tasks start with one
-            run, and runs that prove tiny are grouped so a task takes ~50 ms.
+            run, and runs that prove tiny are grouped so a task takes ~50 ms; runs of
+            pipelines with async or heavy steps are spread over the task slots.
         retry_errors: how often a run whose step raised is run again in its task
             (default 0: step errors are recorded, not retried).
         progress: show a progress line over runs in the driver.
         init_kwargs: extra arguments for ``ray.init`` when this backend starts Ray.
+        heavy: per heavy step, by class name, options that win over its class
+            attributes: ``pool_size``, ``num_cpus``, ``num_gpus``, ``resources``,
+            ``max_concurrency`` (calls one actor runs at once, default 1),
+            ``max_restarts`` (default 5), e.g.
+            ``heavy={"ModelStep": {"pool_size": 2, "num_gpus": 1}}``.
+        placement_timeout: seconds to wait for a pool's resources before every run
+            that needs it is recorded as failed with a ``PoolPlacementError`` naming
+            the missing resource (default 60).
+        max_concurrency: the most runs of one task that share its worker's event
+            loop, for pipelines with async or heavy steps (default 64).
+        timeout: seconds one run may take (``None``: no limit). A run that exceeds
+            it is recorded as a ``TimeoutError`` naming the step it was in; its
+            worker is killed and replaced, and the other runs go on. Each task then
+            carries one run.
+        max_runs_per_worker: replace a worker process after this many runs (Ray's
+            ``max_calls``; its steps are torn down first), for steps that leak
+            memory. Each task then carries one run.
         object_store_cache: share cached step outputs between the cluster's nodes
             through Ray's object store (``True``, the default, keeps up to 2 GiB; an
             integer sets the bound in bytes; ``False`` turns it off). See
@@ -107,6 +131,7 @@ class RayExecution(ExecutionBackend):
     """
 
     ships_experiment = True
+    supports_timeout = True
 
     def __init__(
         self,
@@ -122,6 +147,11 @@ class RayExecution(ExecutionBackend):
         progress: bool = False,
         init_kwargs: Mapping[str, Any] | None = None,
         object_store_cache: bool | int = True,
+        heavy: Mapping[str, Mapping[str, Any]] | None = None,
+        placement_timeout: float = 60.0,
+        max_concurrency: int = 64,
+        timeout: float | None = None,
+        max_runs_per_worker: int | None = None,
     ) -> None:
         import_ray()
         owner = "RayExecution"
@@ -169,26 +199,57 @@ class RayExecution(ExecutionBackend):
         self.progress = progress
         self.init_kwargs = dict(init_kwargs or {})
         self.object_store_cache = object_store_cache
+        check_option(
+            owner,
+            "heavy",
+            heavy,
+            _pool_overrides_valid,
+            f"None or a mapping of step class names to options ({', '.join(POOL_OPTIONS)})",
+        )
+        check_option(owner, "placement_timeout", placement_timeout, is_seconds, "a number of seconds > 0")
+        check_option(owner, "max_concurrency", max_concurrency, lambda v: is_int(v, 1), "an integer >= 1")
+        check_option(owner, "timeout", timeout, lambda v: v is None or is_seconds(v), "None or a number of seconds > 0")
+        check_option(
+            owner,
+            "max_runs_per_worker",
+            max_runs_per_worker,
+            lambda v: v is None or is_int(v, 1),
+            "None or an integer >= 1",
+        )
+        self.heavy = {name: dict(options) for name, options in (heavy or {}).items()}
+        self.placement_timeout = placement_timeout
+        self.max_concurrency = max_concurrency
+        self.timeout = timeout
+        self.max_runs_per_worker = max_runs_per_worker
 
     # -- connecting -------------------------------------------------------------
     def connect(self) -> bool:
-        """Make sure Ray is initialised; return True when this call started it."""
-        ray = import_ray()
-        if ray.is_initialized():
-            return False
-        kwargs = dict(self.init_kwargs)
-        address = self.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            kwargs["address"] = address
-        else:
-            # Ray's own default on purpose: join a Ray started with `ray start` on this
-            # machine (how a `ray submit` script finds its cluster on the head node),
-            # else start an embedded one. Pass init_kwargs={"address": "local"} to
-            # always start a fresh one.
-            kwargs.setdefault("include_dashboard", False)  # a laptop run needs no web UI
-        kwargs.setdefault("logging_level", logging.WARNING)
-        ray.init(**kwargs)
-        return True
+        """Make sure Ray is initialised; return True when this call initialised it.
+
+        Raises:
+            ConfigurationError: ``runtime_env`` has ``working_dir``/``py_modules``
+                but Ray was already initialised without them (the message says where
+                to put them).
+        """
+        import_ray()
+        return session.connect(self.address, self.init_kwargs, self.runtime_env)
+
+    def shutdown(self) -> None:
+        """Retire every actor pool (each actor's ``teardown()`` runs) and shut down a Ray
+        crystallize started; a Ray you initialised stays up. Safe to call twice.
+
+        Example:
+            >>> with RayExecution() as backend:            # doctest: +SKIP
+            ...     Experiment(..., plugins=[backend]).run()
+        """
+        import_ray()
+        session.shutdown()
+
+    def __enter__(self) -> RayExecution:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
 
     # -- executing --------------------------------------------------------------
     def execute(self, experiment: Any, plan: Sequence[RunSpec]) -> Iterator[RunResult]:
@@ -197,16 +258,54 @@ class RayExecution(ExecutionBackend):
         job = resolve_cache(experiment)
         if self.object_store_cache:  # nodes share cached outputs through the object store
             job = cache_tier.share_outputs(job, self.object_store_cache)
-        blob = serialize_experiment(job, backend="Ray")  # fails before any task
-        started = self.connect()
+        self._warn_unused_overrides(job)
+        specs = heavy_specs(job, self.heavy)  # a heavy step that cannot be pickled fails here
+        shipped = host_steps(job, [index for spec in specs.values() for index in spec.indexes])
+        blob = serialize_experiment(shipped, backend="Ray")  # fails before any task
+        self.connect()
+        specs = with_runtime_env(specs, session.task_runtime_env(self.runtime_env))
         try:
-            yield from self._stream(ray, job, plan, blob)
-        finally:
-            if started:
-                ray.shutdown()
+            handles, failure = (
+                pools().acquire(
+                    specs,
+                    runs=len(plan),
+                    task_bundle=self._task_bundle(),
+                    placement_timeout=self.placement_timeout,
+                    retries=max(self.max_retries, 1),
+                )
+                if specs
+                else ({}, None)
+            )
+            if failure is not None:  # every run needs the pool: each records why it is not there
+                log.error("%s Every run that needs it is recorded as failed.", failure.message)
+                for spec in plan:
+                    yield failed_run(spec, failure.where, failure.type, failure.message, traceback=failure.traceback)
+                return
+            yield from self._stream(ray, shipped, plan, blob, handles)
+        except KeyboardInterrupt:
+            session.stop_on_interrupt()
+            raise
 
-    def _stream(self, ray: Any, job: Any, plan: Sequence[RunSpec], blob: bytes) -> Iterator[RunResult]:
-        holder = [ray.put(blob)]
+    def _stream(
+        self, ray: Any, job: Any, plan: Sequence[RunSpec], blob: bytes, handles: Mapping[int, Any]
+    ) -> Iterator[RunResult]:
+        one_per_task = self.timeout is not None or self.max_runs_per_worker is not None
+        overlap = bool(handles) or job.pipeline.is_async
+        board = None
+        if self.timeout is not None:
+            from ._deadlines import TimeoutBoard
+
+            board = ray.remote(TimeoutBoard).options(num_cpus=0, max_concurrency=1000).remote(self.timeout)
+        work = _worker.Job(
+            holder=[ray.put(blob)],
+            pools=dict(handles),
+            retry_errors=self.retry_errors,
+            overlap=overlap,
+            max_concurrency=self.max_concurrency,
+            timeout=self.timeout,
+            board=board,
+            max_calls=self.max_runs_per_worker,
+        )
         options: dict[str, Any] = {
             "num_cpus": self.num_cpus,
             "num_gpus": self.num_gpus,
@@ -214,136 +313,78 @@ class RayExecution(ExecutionBackend):
         }
         if self.resources:
             options["resources"] = self.resources
-        if self.runtime_env:
-            options["runtime_env"] = self.runtime_env
+        runtime_env = session.task_runtime_env(self.runtime_env)
+        if runtime_env:
+            options["runtime_env"] = runtime_env
+        if self.max_runs_per_worker is not None:
+            options["max_calls"] = self.max_runs_per_worker
         # Resources are fixed once here; each task only adds its readable name.
-        task = ray.remote(**options)(_worker.make_task(holder, self.retry_errors))
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        limit = self.max_in_flight or max(16, 4 * cpus)
-        sizer = _BatchSizer(self.batch_size, cpus)
-        pending: deque[RunSpec] = deque(plan)
-        singles: deque[RunSpec] = deque()  # runs of failed batches, retried alone
-        running: dict[Any, list[RunSpec]] = {}
-        ready: deque[RunResult] = deque()  # back, not yet yielded
-
-        def submit(batch: list[RunSpec]) -> None:
-            ref = task.options(name=_label(job.name, batch)).remote(_worker.spec_pairs(batch))
-            running[ref] = batch
-
-        def harvest(ref: Any) -> None:
-            ready.extend(self._results(ray, ref, running[ref], singles, sizer))
-            del running[ref]
-
+        task = ray.remote(**options)(_worker.make_task(work))
+        slots = self._task_slots(ray, handles)
+        sizer = _stream.BatchSizer(
+            1 if one_per_task else self.batch_size,
+            slots,
+            overlap=overlap,
+            total=len(plan),
+            max_concurrency=self.max_concurrency,
+        )
         try:
-            while pending or singles or running:
-                while singles and len(running) < limit:
-                    submit([singles.popleft()])
-                while pending and len(running) < limit:
-                    size = sizer.next_size(len(pending))
-                    submit([pending.popleft() for _ in range(min(size, len(pending)))])
-                done: list[Any] = []
-                while not done:
-                    done, _ = ray.wait(list(running), num_returns=1, timeout=WAIT_SLICE_SECONDS)
-                for ref in done:
-                    harvest(ref)
-                while ready:
-                    yield ready.popleft()
-        except KeyboardInterrupt:
-            try:  # keep the tasks that come back within the grace, and only their runs
-                deadline = time.monotonic() + GRACE_SECONDS
-                while running and (left := deadline - time.monotonic()) > 0:
-                    done, _ = ray.wait(list(running), num_returns=1, timeout=min(left, WAIT_SLICE_SECONDS))
-                    for ref in done:
-                        del running[ref]
-                        try:
-                            ready.extend(unpack_results(ray.get(ref)))
-                        except ray.exceptions.RayError:
-                            pass  # it did not finish: a worker lost, or cancelled by Ctrl-C too
-            finally:
-                _cancel(ray, running)
-            while ready:
-                yield ready.popleft()
-            raise
+            yield from _stream.stream(
+                ray,
+                task,
+                job.name,
+                list(plan),
+                limit=self.max_in_flight or max(16, 4 * slots),
+                sizer=sizer,
+                max_retries=self.max_retries,
+                timeout=self.timeout,
+                board=board,
+            )
         finally:
-            _cancel(ray, running)  # on any other way out, too
+            if board is not None:
+                ray.kill(board)
 
-    def _results(
-        self, ray: Any, ref: Any, batch: list[RunSpec], singles: deque[RunSpec], sizer: _BatchSizer
-    ) -> list[RunResult]:
-        """What a finished task brought back: its runs, failure records, or nothing (retried)."""
-        try:
-            results = unpack_results(ray.get(ref))
-        except ray.exceptions.RayTaskError as exc:
-            # The task body itself raised: e.g. the experiment could not be loaded on
-            # that node. Retrying would fail the same way.
-            cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-            return [failed_run(spec, "worker", type(cause).__name__, str(cause), traceback=str(exc)) for spec in batch]
-        except ray.exceptions.RayError as exc:
-            if len(batch) > 1:
-                singles.extend(batch)
-                return []
-            return [worker_died(batch[0], self.max_retries + 1, _describe(exc))]
-        sizer.observe(results)
-        return results
+    def _task_bundle(self) -> dict[str, float]:
+        """What one task holds, kept free when pools are sized."""
+        wanted = {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.resources}
+        return {name: float(amount) for name, amount in wanted.items() if amount > 0}
+
+    def _task_slots(self, ray: Any, handles: Mapping[int, Any]) -> int:
+        """How many tasks can run at once: the cluster's CPUs less the pools', per task."""
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        held = {id(h): h for h in handles.values()}
+        cpus -= sum(len(h.actors) * h.cpus for h in held.values())
+        return max(1, int(cpus // self.num_cpus) if self.num_cpus > 0 else int(cpus))
+
+    def _warn_unused_overrides(self, job: Any) -> None:
+        steps = {type(s).__name__: s for s in job.pipeline.steps}
+        steps.update({f"{type(s).__module__}.{type(s).__qualname__}": s for s in job.pipeline.steps})
+        for name in self.heavy:
+            step = steps.get(name)
+            if step is None:
+                log.warning(
+                    "RayExecution(heavy=...) names %r, which is no step of experiment %r; its options are not used.",
+                    name,
+                    job.name,
+                )
+            elif not getattr(step, "heavy", False):
+                log.warning(
+                    "RayExecution(heavy=...) names %r, which is not a heavy step: it runs in "
+                    "each task, not in a pool. Set heavy = True on the class to pool it.",
+                    name,
+                )
 
 
-def _cancel(ray: Any, running: dict[Any, list[RunSpec]]) -> None:
-    """Cancel every outstanding task, killing the worker of a running one; idempotent.
-
-    A second Ctrl-C does not cut this short: it would leave tasks running on the
-    cluster after the driver gave up on them.
-    """
-    interrupted: KeyboardInterrupt | None = None
-    while running:
-        try:
-            while running:
-                ref = next(iter(running))
-                try:
-                    ray.cancel(ref, force=True)
-                except Exception as exc:  # e.g. already finished and freed
-                    log.debug("Could not cancel task %s: %s", ref, exc)
-                del running[ref]
-        except KeyboardInterrupt as exc:
-            interrupted = exc
-    if interrupted is not None:
-        raise interrupted
+def _pool_overrides_valid(value: Any) -> bool:
+    if value is None:
+        return True
+    return all(
+        isinstance(name, str)
+        and isinstance(options, Mapping)
+        and all(check_pool_option(option, v) is None for option, v in options.items())
+        for name, options in value.items()
+    )
 
 
 def _non_negative(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
-
-
-class _BatchSizer:
-    """Chooses runs per task: fixed, or grown until a task takes ~50 ms."""
-
-    def __init__(self, fixed: int | None, cpus: int) -> None:
-        self.fixed, self.cpus = fixed, cpus
-        self.mean: float | None = None
-
-    def observe(self, results: list[RunResult]) -> None:
-        if results:
-            seconds = sum(r.seconds for r in results) / len(results)
-            self.mean = seconds if self.mean is None else 0.8 * self.mean + 0.2 * seconds
-
-    def next_size(self, remaining: int) -> int:
-        if self.fixed is not None:
-            return self.fixed
-        if self.mean is None:
-            return 1
-        size = int(_TARGET_BATCH_SECONDS / max(self.mean, 1e-6))
-        # Keep every CPU busy to the end: never more than a quarter of the
-        # remaining work per CPU in one task.
-        fair = math.ceil(remaining / (4 * self.cpus))
-        return max(1, min(size, fair, _MAX_BATCH))
-
-
-def _label(name: str, batch: list[RunSpec]) -> str:
-    if len(batch) == 1:
-        return batch[0].label(name)
-    first, last = batch[0], batch[-1]
-    return f"crystallize:{name} r={first.replicate}..{last.replicate} ({len(batch)} runs)"
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"

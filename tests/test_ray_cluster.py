@@ -1,4 +1,5 @@
-"""Ray behaviour that needs its own driver process: node loss, job submission, embedded start."""
+"""Ray behaviour that needs its own driver process: node loss, job submission, an embedded Ray,
+user modules the workers cannot import, churn."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ SCRIPTS = Path(__file__).parent / "scripts"
 ROOT = Path(__file__).parents[1]
 
 
-def _run_script(*args: str, timeout: int = 240) -> dict:
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def _run_script(*args: str, timeout: int = 240, cwd: Path = ROOT) -> dict:
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert lines, f"no JSON line in output:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
@@ -46,21 +47,80 @@ def test_cluster_submit_script_runs_the_quickstart_as_a_ray_job():
     assert "Best treatment: lr_0.10" in report["logs"]
 
 
-def test_embedded_ray_is_started_and_shut_down_by_the_run(tmp_path):
-    code = (
-        "import ray\n"
-        "from crystallize import Experiment, Pipeline, pipeline_step\n"
-        "from crystallize_ray import RayExecution\n"
-        "@pipeline_step()\n"
-        "def one(data):\n"
-        "    return data, {'x': 1}\n"
-        "exp = Experiment(datasource=lambda ctx: 0, pipeline=Pipeline([one()]),\n"
-        "                 plugins=[RayExecution(init_kwargs={'address': 'local', 'num_cpus': 2})])\n"
-        "r = exp.run(replicates=3)\n"
-        'print(\'{"metrics": %s, "initialized_after": %s}\' % (\n'
-        "    r.metrics.baseline.metrics['x'], str(ray.is_initialized()).lower()))\n"
-    )
-    script = tmp_path / "embedded.py"
-    script.write_text(code)
-    report = _run_script(str(script))
-    assert report == {"metrics": [1, 1, 1], "initialized_after": False}
+def test_three_runs_start_ray_once_load_the_model_once_and_shutdown_tears_it_down(tmp_path):
+    # A fresh driver that never calls ray.init: RayExecution starts an embedded Ray, with
+    # runtime_env={"working_dir": ...} applied to the whole job.
+    log, working_dir = tmp_path / "loads.log", tmp_path / "job"
+    working_dir.mkdir()
+    (working_dir / "three_runs_helper.py").write_text("BIAS = 0.5\n")
+    report = _run_script(str(SCRIPTS / "three_runs.py"), str(log), str(working_dir))
+    assert report["errors"] == []
+    assert report["env_flags"] == ["yes"]  # runtime_env (working_dir too) reached the pool's actors
+    assert report["alive_between_runs"] == [True, True, True]
+    assert report["distinct_ray_nodes"] == 1  # the second and third run() started no Ray
+    assert report["same_values_each_run"]
+    assert (report["setups"], report["setups_in_driver"]) == (1, 0)
+    assert report["teardowns_before_shutdown"] == 0
+    assert report["teardowns_after_shutdown"] == 1
+    assert report["initialized_after_shutdown"] is False
+
+
+USER_MODULE = '''"""A user's test module: steps and a helper that Ray's workers cannot import."""
+from crystallize import Experiment, Pipeline, PipelineStep, SeedPlugin, pipeline_step
+
+OFFSET = 0.25
+
+
+def helper(x):
+    return x * 3 + OFFSET
+
+
+class Scale(PipelineStep):
+    heavy = True
+
+    def setup(self, ctx):
+        self.factor = 2
+
+    def __call__(self, data, ctx):
+        return helper(data) * self.factor
+
+
+@pipeline_step()
+def measure(data, ctx):
+    if ctx["replicate"] == 3:
+        raise ValueError("replicate 3 is refused")  # SOURCE-LINE
+    return data, {"value": data + ctx["rng"].random()}
+
+
+def build(backend):
+    return Experiment(lambda ctx: float(ctx["replicate"]), Pipeline([Scale(), measure()]),
+                      plugins=[SeedPlugin(seed=5), backend], name="foreign")
+'''
+
+
+def test_steps_of_a_module_the_workers_cannot_import_travel_by_value(tmp_path):
+    modules, elsewhere = tmp_path / "modules", tmp_path / "elsewhere"
+    modules.mkdir()
+    elsewhere.mkdir()
+    (modules / "test_user_steps.py").write_text(USER_MODULE)
+    script = [str(SCRIPTS / "foreign_module.py"), str(modules), "test_user_steps"]
+    report = _run_script(*script, cwd=elsewhere)
+    assert not report["cwd_has_module"]
+    assert report["errors"] == ["measure: ValueError: replicate 3 is refused"]
+    assert report["same_as_serial"] and len(report["metrics"]["value"]) == 3
+    # The worker's traceback shows the module's own file and line, not <dynamic-code>.
+    assert str(modules / "test_user_steps.py") in report["tracebacks"][0]
+    assert "SOURCE-LINE" in report["tracebacks"][0]
+
+    control = _run_script(*script, "--by-reference", cwd=elsewhere)  # the same, pickled by reference
+    assert any("ModuleNotFoundError" in e and "test_user_steps" in e for e in control["errors"]), control["errors"]
+
+
+def test_runs_under_churn_come_back_once_each_with_serial_metrics():
+    # A worker of the driver's own Ray SIGKILLed every second while 200 runs execute.
+    report = _run_script(str(SCRIPTS / "churn.py"), "200", "1.0", timeout=280)
+    assert report["kills"] > 0, "nothing was killed; the test shows nothing"
+    assert report["errors"] == []
+    assert report["replicates"] == list(range(200))  # none lost, none twice
+    assert report["same_as_serial"]
+    assert report["executions"] >= 200

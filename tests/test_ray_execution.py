@@ -10,7 +10,6 @@ import threading
 import time
 from pathlib import Path
 
-import cloudpickle
 import pytest
 
 from crystallize import (
@@ -33,9 +32,6 @@ ray = pytest.importorskip("ray")
 from crystallize_ray import RayExecution  # noqa: E402
 
 pytestmark = pytest.mark.ray
-
-# Ray workers cannot import this test module by name; ship its functions by value.
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def _append(path: str, line: str) -> None:
