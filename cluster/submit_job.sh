@@ -8,9 +8,11 @@
 # RAY_ADDRESS   the cluster's jobs API (the dashboard port, 8265), e.g. after
 #               `ray dashboard cluster/aws.yaml` has tunnelled it to localhost. Required.
 #
-# What it does: uploads the current directory as the job's working directory, has Ray
-# install crystallize-lab[ray] into the job's environment, and runs the quickstart as the
-# job's driver on the head node. Inside the job Ray sets RAY_ADDRESS for the driver, so
+# What it does: uploads the current directory -- the project, crystallize itself included
+# (crystallize/ and crystallize_ray/ at its root; it is not on PyPI under this name) -- as
+# the job's working directory, where the driver and every worker import it from; has Ray
+# pip-install crystallize's own dependencies (read from pyproject.toml) into the job's
+# environment; and runs the quickstart as the job's driver on the head node. Inside the job Ray sets RAY_ADDRESS for the driver, so
 # RayExecution joins the cluster instead of starting a local Ray. `ray job submit` waits
 # and streams the driver's output; Ctrl-C stops following, not the job
 # (`ray job stop <id>` does).
@@ -19,9 +21,12 @@
 #   CRYSTALLIZE_CACHE_DIR   a path every node mounts (NFS, EFS); passed to the job so the
 #                           step cache is shared across nodes. Without it the driver's
 #                           ./.cache is a per-job temporary directory on the head.
-#   CRYSTALLIZE_PIP         what the job's environment pip-installs (default
-#                           "crystallize-lab[ray]"); set it empty when the nodes already
-#                           have crystallize installed (clusters from cluster/*.yaml do).
+#   CRYSTALLIZE_PIP         requirement specs, separated by spaces, that the job's
+#                           environment pip-installs (default: the dependencies in
+#                           pyproject.toml); set it empty when the nodes already have
+#                           them (clusters from cluster/*.yaml install the project).
+#   CRYSTALLIZE_DRY_RUN     set: print the `ray job submit` command (one argument per
+#                           line) instead of running it.
 #   RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH
 #                           the cluster's token (or a file holding it) when it runs with
 #                           token authentication; RAY_AUTH_MODE is then set to "token".
@@ -39,7 +44,7 @@ if [[ ! -f examples/quickstart.py ]]; then
     exit 2
 fi
 if ! command -v ray >/dev/null 2>&1; then
-    echo "submit_job.sh: the 'ray' command is not on PATH: pip install 'crystallize-lab[ray]'" >&2
+    echo "submit_job.sh: the 'ray' command is not on PATH: pip install -e '.[ray]' (from the project root)" >&2
     exit 2
 fi
 
@@ -48,7 +53,25 @@ if [[ -n "${RAY_AUTH_TOKEN:-}${RAY_AUTH_TOKEN_PATH:-}" && -z "${RAY_AUTH_MODE:-}
     export RAY_AUTH_MODE=token
 fi
 
-pip_spec="${CRYSTALLIZE_PIP-crystallize-lab[ray]}"  # unset: default; set empty: none
+# crystallize's own dependencies, as pyproject.toml lists them (the code itself travels
+# in the working directory).
+project_deps() {
+    python3 - <<'PY'
+import re
+text = open("pyproject.toml").read()
+try:
+    import tomllib
+    deps = tomllib.loads(text)["project"]["dependencies"]
+except ModuleNotFoundError:  # Python < 3.11: the list is simple enough to read
+    deps = re.findall(r'"([^"]+)"', re.search(r"^dependencies = \[(.*?)\]", text, re.S | re.M).group(1))
+print(" ".join(deps))
+PY
+}
+if [[ -z "${CRYSTALLIZE_PIP+set}" ]]; then
+    pip_spec="$(project_deps)"  # unset: the project's dependencies
+else
+    pip_spec="$CRYSTALLIZE_PIP"  # set empty: none
+fi
 for value in "$pip_spec" "${CRYSTALLIZE_CACHE_DIR:-}"; do
     if [[ "$value" == *[\"\\]* ]]; then
         echo "submit_job.sh: CRYSTALLIZE_PIP and CRYSTALLIZE_CACHE_DIR may not contain quotes or backslashes" >&2
@@ -56,10 +79,17 @@ for value in "$pip_spec" "${CRYSTALLIZE_CACHE_DIR:-}"; do
     fi
 done
 parts=()
-[[ -n "$pip_spec" ]] && parts+=("\"pip\": [\"$pip_spec\"]")
+if [[ -n "$pip_spec" ]]; then
+    read -r -a specs <<< "$pip_spec"
+    parts+=("\"pip\": [$(printf '"%s",' "${specs[@]}" | sed 's/,$//')]")
+fi
 [[ -n "${CRYSTALLIZE_CACHE_DIR:-}" ]] && parts+=("\"env_vars\": {\"CRYSTALLIZE_CACHE_DIR\": \"$CRYSTALLIZE_CACHE_DIR\"}")
 runtime_env="{$(IFS=,; echo "${parts[*]:-}")}"
 
-exec ray job submit --address "$RAY_ADDRESS" --working-dir . \
-    --runtime-env-json "$runtime_env" \
-    -- python examples/quickstart.py "$@"
+command=(ray job submit --address "$RAY_ADDRESS" --working-dir . --runtime-env-json "$runtime_env"
+         -- python examples/quickstart.py "$@")
+if [[ -n "${CRYSTALLIZE_DRY_RUN:-}" ]]; then  # print the command, one argument per line
+    printf '%s\n' "${command[@]}"
+    exit 0
+fi
+exec "${command[@]}"

@@ -13,21 +13,23 @@ import importlib.resources
 import ipaddress
 import json
 import os
+import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-yaml = pytest.importorskip("yaml", reason="PyYAML comes with Ray: pip install 'crystallize-lab[ray]'")
-jsonschema = pytest.importorskip(
-    "jsonschema", reason="jsonschema comes with ray[default]: pip install 'crystallize-lab[ray]'"
-)
-pytest.importorskip("ray.autoscaler", reason="pip install 'crystallize-lab[ray]'")
+yaml = pytest.importorskip("yaml", reason="PyYAML comes with Ray: pip install -e '.[ray]'")
+jsonschema = pytest.importorskip("jsonschema", reason="jsonschema comes with ray[default]: pip install -e '.[ray]'")
+pytest.importorskip("ray.autoscaler", reason="pip install -e '.[ray]'")
 
-CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
 CONFIGS = sorted(CLUSTER.glob("*.yaml"))
 SUBMIT = CLUSTER / "submit_job.sh"
-DISTRIBUTION = "crystallize-lab[ray]"
+# A pip install of a crystallize distribution by name, from PyPI: none of ours is published.
+FROM_PYPI = re.compile(r"pip3? install[^;&|]*?(?:^|[\s'\"])crystallize(?:-lab|-ml)?(?:\[[^\]]*\])?(?=[\s'\"=<>]|$)")
 DOC_NETWORKS = [ipaddress.ip_network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")]
 COMMAND_LISTS = (
     "initialization_commands",
@@ -92,12 +94,25 @@ def test_config_passes_rays_own_preflight(path):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_config_installs_crystallize_and_mounts_the_project(path):
+def test_config_installs_crystallize_from_the_mounted_project_never_from_pypi(path):
     config = load(path)
-    assert any(DISTRIBUTION in cmd and "pip install" in cmd for cmd in config["setup_commands"]), (
-        f"{path.name}: setup_commands must pip install {DISTRIBUTION!r} (our distribution name)"
-    )
-    assert "." in config["file_mounts"].values(), f"{path.name}: file_mounts must mount the project dir"
+    mounts = [remote for remote, local in config["file_mounts"].items() if local == "."]
+    assert mounts, f"{path.name}: file_mounts must mount the project dir"
+    editable = [
+        cmd
+        for cmd in config["setup_commands"]
+        if "pip install" in cmd and any(re.search(rf"-e\s+['\"]?{re.escape(m)}", cmd) for m in mounts)
+    ]
+    assert editable, f"{path.name}: setup_commands must `pip install -e` the mounted project ({mounts[0]})"
+    pypi = [cmd for cmd in shell_commands(config) if FROM_PYPI.search(cmd)]
+    assert pypi == [], f"{path.name}: installs crystallize by name from PyPI, where it is not published"
+
+
+def test_the_pypi_check_can_fail():
+    assert FROM_PYPI.search('pip install -U "crystallize-lab[ray]"')
+    assert FROM_PYPI.search("~/env/bin/pip install crystallize==0.1")
+    assert not FROM_PYPI.search("pip install -q -e ~/project")
+    assert not FROM_PYPI.search('pip install "ray[default]==2.60.0" -e ~/project')
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -187,6 +202,49 @@ def test_broken_script_fails_the_same_check(tmp_path):
     broken = tmp_path / "submit_job.sh"
     broken.write_text(SUBMIT.read_text().replace("fi\n", "", 1))
     assert subprocess.run(["bash", "-n", str(broken)], capture_output=True).returncode != 0
+
+
+def project_dependencies() -> list[str]:
+    text = (ROOT / "pyproject.toml").read_text()
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the list is simple enough to read
+        block = re.search(r"^dependencies = \[(.*?)\]", text, re.S | re.M)
+        return re.findall(r'"([^"]+)"', block.group(1)) if block else []
+    return tomllib.loads(text)["project"]["dependencies"]
+
+
+def _submit_command(**env: str) -> list[str]:
+    """The `ray job submit` command submit_job.sh would run (its dry run)."""
+    environ = {
+        **os.environ,
+        "RAY_ADDRESS": "http://127.0.0.1:8265",
+        "CRYSTALLIZE_DRY_RUN": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        **env,
+    }
+    proc = subprocess.run(
+        ["bash", str(SUBMIT), "--replicates", "3"], cwd=ROOT, env=environ, capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+
+def test_submit_script_ships_the_project_and_installs_only_its_dependencies():
+    command = _submit_command()
+    assert command[:3] == ["ray", "job", "submit"]
+    assert command[command.index("--working-dir") + 1] == "."  # crystallize/ travels with the job
+    assert (ROOT / "crystallize" / "__init__.py").exists() and (ROOT / "crystallize_ray" / "__init__.py").exists()
+    runtime_env = json.loads(command[command.index("--runtime-env-json") + 1])
+    assert runtime_env["pip"] == project_dependencies()
+    assert not any(FROM_PYPI.search(f"pip install {spec}") for spec in runtime_env["pip"])
+    assert command[command.index("--") + 1 :] == ["python", "examples/quickstart.py", "--replicates", "3"]
+
+
+def test_submit_script_installs_nothing_when_told_the_nodes_have_it():
+    command = _submit_command(CRYSTALLIZE_PIP="", CRYSTALLIZE_CACHE_DIR="/mnt/shared/cache")
+    runtime_env = json.loads(command[command.index("--runtime-env-json") + 1])
+    assert runtime_env == {"env_vars": {"CRYSTALLIZE_CACHE_DIR": "/mnt/shared/cache"}}
 
 
 def test_submit_script_without_address_says_what_to_set(tmp_path):
