@@ -121,11 +121,14 @@ def stream(
     poll = board.next.remote() if board is not None else None
 
     def submit(batch: list[RunSpec]) -> None:
-        counter[0] += 1
-        ref = task.options(name=_label(name, batch)).remote(_worker.spec_pairs(batch), counter[0])
+        named = task.options(name=_label(name, batch))
+        if board is None:
+            running[named.remote(_worker.spec_pairs(batch))] = batch
+            return
+        counter[0] += 1  # with timeouts, the board reports overdue runs by this id
+        ref = named.remote(_worker.spec_pairs(batch), counter[0])
         running[ref] = batch
-        if board is not None:
-            ids[counter[0]], batch_of[ref] = ref, counter[0]
+        ids[counter[0]], batch_of[ref] = ref, counter[0]
 
     def forget(ref: Any) -> list[RunSpec]:
         batch = running.pop(ref)
@@ -170,9 +173,8 @@ def stream(
             done: list[Any] = []
             while not done:
                 done, _ = ray.wait(watched, num_returns=1, timeout=WAIT_SLICE_SECONDS)
-            more, _ = ray.wait(watched, num_returns=len(watched), timeout=0)  # all that are done
-            for ref in {*done, *more}:
-                if ref is poll:
+            for ref in done:
+                if poll is not None and ref == poll:
                     expire(ray.get(poll))
                     poll = board.next.remote()
                 elif ref in running:
