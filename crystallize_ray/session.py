@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -64,6 +65,14 @@ def connect(address: str | None, init_kwargs: Mapping[str, Any], runtime_env: Ma
             # else start an embedded one. Pass init_kwargs={"address": "local"} to
             # always start a fresh one.
             kwargs.setdefault("include_dashboard", False)  # a laptop run needs no web UI
+            if "address" not in kwargs and (stale := _dead_default_address()) is not None:
+                log.warning(
+                    "Ray's address file names a cluster at %s that does not answer (a Ray that "
+                    "ended without cleaning up); starting a local Ray instead. Set RAY_ADDRESS or "
+                    "RayExecution(address=...) to join a cluster.",
+                    stale,
+                )
+                kwargs["address"] = "local"
         kwargs.setdefault("logging_level", logging.WARNING)
         job_env = {**dict(runtime_env or {}), **dict(kwargs.get("runtime_env") or {})}
         if job_env:
@@ -74,6 +83,30 @@ def connect(address: str | None, init_kwargs: Mapping[str, Any], runtime_env: Ma
             _init_preloading(ray, kwargs)
         _OWNED[0] = True
         return True
+
+
+def _dead_default_address(probe_seconds: float = 1.0) -> str | None:
+    """The address ``ray.init()`` would join by default, when nothing answers there.
+
+    Ray's default joins the cluster named in its address file
+    (``/tmp/ray/ray_current_cluster``), which a Ray that died or a test cluster leaves
+    behind; joining a dead address hangs for many minutes before it fails. A TCP
+    connect within ``probe_seconds`` tells a live cluster from a stale file.
+    """
+    try:
+        from ray._private.utils import read_ray_address  # where Ray keeps the file
+
+        address = read_ray_address(None)
+    except Exception:  # another Ray layout: leave the default to Ray
+        return None
+    if not address:
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=probe_seconds):
+            return None
+    except (OSError, ValueError):
+        return address
 
 
 def _init_preloading(ray: Any, kwargs: dict[str, Any]) -> None:

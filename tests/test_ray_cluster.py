@@ -124,3 +124,40 @@ def test_runs_under_churn_come_back_once_each_with_serial_metrics():
     assert report["replicates"] == list(range(200))  # none lost, none twice
     assert report["same_as_serial"]
     assert report["executions"] >= 200
+
+
+STALE_DRIVER = """
+import json, time
+from crystallize import Experiment, Pipeline, pipeline_step
+from crystallize_ray import RayExecution
+
+@pipeline_step()
+def double(data):
+    return data, {"double": 2 * data}
+
+start = time.monotonic()
+result = Experiment(lambda ctx: ctx["replicate"], Pipeline([double()]), plugins=[RayExecution()]).run(replicates=4)
+print(json.dumps({"seconds": time.monotonic() - start, "errors": [str(e) for e in result.errors],
+                  "double": result.metrics.baseline.metrics["double"]}))
+"""
+
+
+def test_a_stale_ray_address_file_starts_a_local_ray_instead_of_hanging():
+    # A Ray that died (or a test cluster) leaves its address behind; Ray's default
+    # ray.init() would try to join it for many minutes. The address here cannot answer.
+    import os
+    import tempfile
+
+    temp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's socket paths have a limit
+    (temp / "ray").mkdir()
+    (temp / "ray" / "ray_current_cluster").write_text("192.0.2.2:6379")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=str(temp), PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", STALE_DRIVER], capture_output=True, text=True, timeout=180, cwd=temp, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["errors"] == [] and report["double"] == [0, 2, 4, 6]
+    assert "192.0.2.2:6379" in proc.stderr and "does not answer" in proc.stderr
+    assert report["seconds"] < 90
