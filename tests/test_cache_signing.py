@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import cloudpickle
 import pytest
 
 from crystallize import Experiment, LocalCacheStore, pipeline_step
@@ -301,11 +300,7 @@ print(getattr(job.cache, "store", job.cache).path(record.step_hash, record.input
 
 
 def ship(job, path: Path) -> Path:
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    try:
-        path.write_bytes(serialize_experiment(job, backend="test"))
-    finally:
-        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    path.write_bytes(serialize_experiment(job, backend="test"))
     return path
 
 
@@ -355,14 +350,10 @@ def test_resolve_cache_leaves_an_uncached_experiment_without_a_key(isolated_key)
 def test_ray_workers_sign_with_the_drivers_key(ray_session, tmp_path, monkeypatch):
     from crystallize_ray import RayExecution
 
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    try:
-        # Set after Ray started, so only the driver has this key; workers would use
-        # their own per-user key file if the driver's key did not travel.
-        monkeypatch.setenv(KEY_ENV, "only the driver knows")
-        result = experiment(plugins=[RayExecution()]).run()
-    finally:
-        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    # Set after Ray started, so only the driver has this key; workers would use
+    # their own per-user key file if the driver's key did not travel.
+    monkeypatch.setenv(KEY_ENV, "only the driver knows")
+    result = experiment(plugins=[RayExecution()]).run()
     assert result.errors == []
     assert result.metrics.baseline.metrics == {"total": [14] * REPLICATES}
     entry = entry_file(tmp_path / "cache", result)

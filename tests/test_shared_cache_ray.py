@@ -14,7 +14,6 @@ import time
 import uuid
 from pathlib import Path
 
-import cloudpickle
 import fsspec
 import pytest
 
@@ -26,14 +25,6 @@ pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = 16
-
-
-@pytest.fixture(autouse=True)
-def by_value():
-    # Ray workers cannot import this test module: its functions travel by value.
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    yield
-    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
 @pipeline_step(cacheable=True)

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import time
 from pathlib import Path
 
-import cloudpickle
 import pytest
 
 from crystallize import (
@@ -25,9 +23,6 @@ from crystallize import (
     SerialExecution,
     pipeline_step,
 )
-
-# Ray workers cannot import this test module by name; ship its functions by value.
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 HANG_SECONDS = 60
 
