@@ -55,7 +55,7 @@ from typing import Any
 
 from .journal_key import changes, fingerprint
 from .plugins import SeedPlugin
-from .records import RecordError, run_from_record, run_to_record
+from .records import RecordError, run_from_record, run_to_json
 from .run_result import RunResult
 from .sysinfo import utc_iso
 
@@ -294,7 +294,7 @@ class _Writer:
             while self.queue:
                 run = self.queue.popleft()
                 try:
-                    lines.append(_ENCODER.encode(run_to_record(run)))
+                    lines.append(run_to_json(run))
                 except Exception as exc:  # that run executes again on resume
                     log.warning(
                         "Replicate %d, condition %r could not be written to the run journal "

@@ -2,8 +2,9 @@
 
 One encoding, shared by everything that writes results down: ``Result.save`` writes
 one :func:`run_to_record` per line of ``runs.jsonl``, and the run journal appends the
-same records as runs finish. :func:`run_from_record` rebuilds the exact
-:class:`~crystallize.RunResult`, so a saved result loads equal to the one saved.
+same records as runs finish (:func:`run_to_json` writes their text directly).
+:func:`run_from_record` rebuilds the exact :class:`~crystallize.RunResult`, so a saved
+result loads equal to the one saved.
 
 A record holds only JSON types (``json.dumps(record, allow_nan=False)`` always
 works). Values JSON cannot hold are tagged by a one-key object whose key starts with
@@ -40,6 +41,7 @@ Example of a run record (one line of ``runs.jsonl``, indented here)::
 from __future__ import annotations
 
 import base64
+import json
 import math
 import sys
 from collections.abc import Mapping
@@ -59,6 +61,7 @@ __all__ = [
     "hypothesis_from_record",
     "hypothesis_to_record",
     "run_from_record",
+    "run_to_json",
     "run_to_record",
 ]
 
@@ -67,6 +70,8 @@ RECORD_VERSION = 1
 
 _STEP_FIELDS = tuple(f.name for f in fields(StepRecord))
 _ERROR_FIELDS = tuple(f.name for f in fields(RunError))
+#: How a record becomes one line: compact, and never a bare NaN (JSON has none).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
 class RecordError(CrystallizeError, ValueError):
@@ -269,6 +274,147 @@ def _step_from_record(data: Mapping[str, Any]) -> Any:
     values["added"] = tuple(decode_value(values.get("added", [])))
     values["seconds"] = decode_value(values.get("seconds", 0.0))
     return StepRecord(**values)
+
+
+# -- one run as a line of JSON (the journal's hot path) ----------------------------
+
+
+def run_to_json(run: RunResult) -> str:
+    """One run's record as a line of compact JSON: ``json.dumps(run_to_record(run))``.
+
+    Exactly the text of ``json.dumps(run_to_record(run), separators=(",", ":"),
+    allow_nan=False)``, written directly for the common record (numbers, strings,
+    ``None`` and flat containers of them; no error or artifacts), which is several
+    times faster than building the dict and encoding it; any other run takes that
+    general path. The run journal writes every finished run this way.
+
+    Raises:
+        ValueError: a value JSON cannot hold outside a tagged form (a NaN in
+            ``StepRecord.waited``), as the general path raises.
+
+    Example:
+        >>> run_to_json(RunResult(0, "baseline", metrics={"x": [1.5]}))[:56]
+        '{"record":1,"replicate":0,"condition":"baseline","seed":'
+    """
+    try:
+        return _run_json(run)
+    except _Unusual:
+        return _ENCODER.encode(run_to_record(run))
+
+
+class _Unusual(Exception):
+    """A value the direct encoder leaves to the general path."""
+
+
+_STR = json.encoder.encode_basestring_ascii  # what the encoder writes for a str
+_FLOAT = float.__repr__
+_INT = int.__repr__
+_LITERALS = {None: "null", True: "true", False: "false"}
+# The fields _run_json writes for a StepRecord; if StepRecord changes, every run takes
+# the general path until they are brought in line.
+_WRITTEN_STEP_FIELDS = (
+    "name", "index", "params", "step_hash", "input_hash", "cache",
+    "reads", "added", "seconds", "miss_reason", "waited", "served_by",
+)  # fmt: skip
+_DIRECT = _STEP_FIELDS == _WRITTEN_STEP_FIELDS
+
+
+def _raw(value: Any) -> str:
+    """A field written as it is (not through :func:`encode_value`): exact types only."""
+    kind = type(value)
+    if kind is str:
+        return _STR(value)
+    if kind is int:
+        return _INT(value)
+    if kind is float and math.isfinite(value):
+        return _FLOAT(value)
+    if value is None or kind is bool:
+        return _LITERALS[value]
+    raise _Unusual
+
+
+def _value(value: Any) -> str:
+    """``encode_value(value)`` as JSON text, for scalars and flat lists, tuples and dicts."""
+    kind = type(value)
+    if kind is float and math.isfinite(value):
+        return _FLOAT(value)
+    if kind is int or kind is str or kind is bool or value is None:
+        return _raw(value)
+    if isinstance(value, float) and math.isfinite(value):  # numpy.float64 is one
+        return _FLOAT(float(value))
+    if kind is list:
+        return "[" + ",".join([_raw(v) for v in value]) + "]"
+    if kind is tuple:
+        return '{"$tuple":[' + ",".join([_raw(v) for v in value]) + "]}"
+    if kind is dict:
+        if not all(type(k) is str and k[:1] != "$" for k in value):
+            raise _Unusual
+        return "{" + ",".join([_STR(k) + ":" + _value(v) for k, v in value.items()]) + "}"
+    raise _Unusual
+
+
+def _strings(values: Any) -> str:
+    """``encode_value(list(values))`` for the ``reads`` and ``added`` of a StepRecord."""
+    if type(values) is not tuple:
+        raise _Unusual
+    return "[" + ",".join([_STR(v) if type(v) is str else _value(v) for v in values]) + "]"
+
+
+def _run_json(run: RunResult) -> str:
+    if not _DIRECT or run.error is not None or run.artifacts or run.artifact_errors or type(run.metrics) is not dict:
+        raise _Unusual
+    metrics = []
+    for name, values in run.metrics.items():
+        if type(name) is not str or not isinstance(values, (list, tuple)):
+            raise _Unusual
+        metrics.append(_STR(name) + ":[" + ",".join([_value(v) for v in values]) + "]")
+    steps = [_step_json(step) for step in run.provenance]
+    seed = run.seed
+    return (
+        f'{{"record":{RECORD_VERSION},"replicate":{_raw(run.replicate)},"condition":{_raw(run.condition)},'
+        f'"seed":{"null" if seed is None else _value(seed)},"seconds":{_value(run.seconds)},'
+        f'"attempts":{_raw(run.attempts)},"metrics":{{{",".join(metrics)}}},"error":null,'
+        f'"provenance":[{",".join(steps)}],"artifacts":[],"artifact_errors":[]}}'
+    )
+
+
+_HEADS: dict[tuple[Any, ...], str] = {}  # the text up to "seconds" of an uncached step's record
+_SCALAR_TYPES = frozenset({str, int, float, bool, type(None)})
+
+
+def _step_json(step: Any) -> str:
+    if type(step) is not StepRecord:
+        raise _Unusual
+    name, index, params, cache, reads, added = step.name, step.index, step.params, step.cache, step.reads, step.added
+    step_hash, input_hash, miss_reason, served_by = step.step_hash, step.input_hash, step.miss_reason, step.served_by
+    if type(name) is not str or type(index) is not int or type(cache) is not str or type(params) is not dict:
+        raise _Unusual
+    # An uncached step opens each run's record alike, but for its params. Keyed by the
+    # params' values and their exact types, equal keys are equal text: 1, 1.0 and True
+    # are told apart by type; 0.0 and -0.0 (equal, but written apart) are not cached.
+    key = None
+    if reads == () and added == () and step_hash is input_hash is None:
+        values = params.values()
+        kinds = tuple(map(type, values))
+        if _SCALAR_TYPES.issuperset(kinds) and not (float in kinds and 0.0 in values):
+            key = (name, index, cache, tuple(params.items()), kinds)
+    head = None if key is None else _HEADS.get(key)
+    if head is None:
+        head = (
+            f'{{"name":{_STR(name)},"index":{_INT(index)},"params":{_value(params)},'
+            f'"step_hash":{_raw(step_hash)},"input_hash":{_raw(input_hash)},"cache":{_STR(cache)},'
+            f'"reads":{_strings(reads)},"added":{_strings(added)}'
+        )
+        if key is not None:
+            if len(_HEADS) > 4096:  # a few steps times a few conditions; never let it grow
+                _HEADS.clear()
+            _HEADS[key] = head
+    seconds = step.seconds
+    return (
+        f'{head},"seconds":{_FLOAT(seconds) if type(seconds) is float and math.isfinite(seconds) else _value(seconds)},'
+        f'"miss_reason":{"null" if miss_reason is None else _raw(miss_reason)},"waited":{_raw(step.waited)},'
+        f'"served_by":{"null" if served_by is None else _raw(served_by)}}}'
+    )
 
 
 # -- hypotheses --------------------------------------------------------------------
