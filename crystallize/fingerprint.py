@@ -50,6 +50,7 @@ import sys
 import sysconfig
 import textwrap
 import types
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any
@@ -226,7 +227,9 @@ class _Walker:
         for chain in sorted(chains):
             found: Any = module
             for depth, attr in enumerate(chain):
-                found = getattr(found, attr, _ABSENT)
+                with warnings.catch_warnings():  # a deprecated attribute warns on access: not the user's doing
+                    warnings.simplefilter("ignore")
+                    found = getattr(found, attr, _ABSENT)
                 if found is _ABSENT:
                     break
                 if not isinstance(found, types.ModuleType):

@@ -11,6 +11,7 @@ import os
 import sys
 import textwrap
 import threading
+import warnings
 
 import pytest
 
@@ -150,6 +151,38 @@ def test_helpers_reached_through_another_module_are_read_again(load):
     first = code_fingerprint(mod.step)
     sys.modules["fp_helpers"].OFFSET = 2  # read by fp_helpers.shift, an attribute chain
     assert code_fingerprint(mod.step) != first
+
+
+def test_following_a_deprecated_module_attribute_warns_nobody(load):
+    # Fingerprinting reads the attributes a step's code names; a module that warns on
+    # access (numpy's np.object, torch.has_cuda) must not warn the user for it.
+    mod = load(
+        "fp_reads_old",
+        """
+        import fp_old_api
+
+        def step(data):
+            return fp_old_api.renamed(data)
+    """,
+        also={
+            "fp_old_api": """
+        import warnings
+
+        def new(data):
+            return data
+
+        def __getattr__(name):
+            if name == "renamed":
+                warnings.warn("renamed is deprecated, use new", FutureWarning, stacklevel=2)
+                return new
+            raise AttributeError(name)
+    """
+        },
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first = code_fingerprint(mod.step)
+    assert code_fingerprint(mod.step) == first
 
 
 def test_an_unhashable_constant_is_named_not_fatal(load):
