@@ -15,6 +15,7 @@ from typing import Any
 
 from .errors import BackendError
 from .journal import Journal
+from .plugins import BasePlugin
 from .progress import Progress
 from .result import Result, RunResult
 from .runner import RunSpec
@@ -51,6 +52,9 @@ class Collector:
         self.expected = {(spec.replicate, spec.condition) for spec in plan} | self.seen
         self.progress = Progress(len(plan), enabled=job.backend.progress, label=f"crystallize {job.name}")
         self.started = time.time()
+        # Looked up once: most plugins leave on_run_result alone, and most runs show no progress.
+        self._listeners = [p for p in job.plugins if _overrides(p, "on_run_result")]
+        self._count = self.progress.update if self.progress.enabled else None
 
     def __enter__(self) -> Collector:
         return self
@@ -148,16 +152,17 @@ class Collector:
 
     def receive(self, run: RunResult) -> None:
         key = (run.replicate, run.condition)
-        if key not in self.expected or key in self.seen:
-            what = "twice" if key in self.seen else "although it was not planned"
+        seen = self.seen
+        if key in seen or key not in self.expected:
+            what = "twice" if key in seen else "although it was not planned"
             raise BackendError(
                 f"{type(self.job.backend).__name__} returned replicate {run.replicate}, "
                 f"condition {run.condition!r} {what}. This is a bug in the backend; the runs "
                 f"finished so far are in exc.partial_result."
             )
-        self.seen.add(key)
+        seen.add(key)
         self.runs.append(run)
-        for plugin in self.job.plugins:
+        for plugin in self._listeners:
             try:
                 plugin.on_run_result(self.job, run)
             except Exception:
@@ -168,11 +173,18 @@ class Collector:
                     run.condition,
                 )
         self.journal.append(run)
-        self.progress.update(failed=run.error is not None)
+        if self._count is not None:
+            self._count(failed=run.error is not None)
 
     def result(self, strict: bool = False) -> Result:
         result = self._finish()
         return result.raise_for_errors() if strict else result
+
+
+def _overrides(plugin: Any, hook: str) -> bool:
+    """Whether ``plugin`` does something in ``hook`` (BasePlugin's own does nothing)."""
+    method = getattr(plugin, hook, None)
+    return getattr(method, "__func__", method) is not getattr(BasePlugin, hook)
 
 
 def _runs(keys: set[tuple[int, str]], most: int = 5) -> str:

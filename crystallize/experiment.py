@@ -337,7 +337,8 @@ class Experiment:
                 job.plugins = [_pinned(p, journal.seed) for p in job.plugins]
             for plugin in job.plugins:
                 plugin.before_run(job)
-            plan = [RunSpec(r, c) for r in range(job.replicates) for c in job.conditions]
+            conditions = job.conditions
+            plan = [RunSpec(r, c) for r in range(job.replicates) for c in conditions]
             journal.start(job)
         except BaseException:
             journal.close()
@@ -352,8 +353,10 @@ class Experiment:
                 journal.path,
                 len(plan) - len(resumed),
             )
-        done = {(run.replicate, run.condition) for run in resumed}
-        return job, [spec for spec in plan if (spec.replicate, spec.condition) not in done], journal, resumed
+        if resumed:
+            done = {(run.replicate, run.condition) for run in resumed}
+            plan = [spec for spec in plan if (spec.replicate, spec.condition) not in done]
+        return job, plan, journal, resumed
 
     def _finish(self, collected: list[RunResult], started: float, *, evaluate: bool = True) -> Result:
         seed_plugin = next((p for p in self.plugins if hasattr(p, "base_seed")), None)
@@ -415,7 +418,10 @@ def _report_unread_keys(job: Experiment, result: Result) -> None:
     """
     try:
         steps = job.pipeline.steps if isinstance(job.pipeline, Pipeline) else ()
-        unread = unread_keys(job.treatments, result.runs, steps, job.datasource, job.plugins)
+        # Only the treatments' own runs can tell (the baseline sets no treatment keys).
+        treated = {t.name for t in job.treatments}
+        runs = [run for run in result.runs if run.condition in treated] if treated else []
+        unread = unread_keys(job.treatments, runs, steps, job.datasource, job.plugins)
     except Exception:
         log.exception(
             "Experiment %r: could not check which treatment keys were used; the result is unaffected.", job.name

@@ -43,6 +43,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("crystallize.runner")
+# The logger steps reach through ctx.logger (FrozenContext's default), looked up once.
+_STEP_LOG = logging.getLogger("crystallize")
+# What a data source returns most often; none of these can be awaited.
+_NEVER_AWAITABLE = frozenset({tuple, list, dict, str, bytes, int, float, bool, type(None)})
 
 
 class ReplicateHooks(Protocol):
@@ -117,20 +121,21 @@ def _run(
     experiment: RunnableExperiment, replicate: int, condition: str, invokers: Mapping[int, StepInvoker] | None = None
 ) -> Loop:
     started = time.perf_counter()
-    ctx = FrozenContext.for_run(experiment.initial_ctx, replicate=replicate, condition=condition)
+    ctx = FrozenContext.for_run(experiment.initial_ctx, replicate=replicate, condition=condition, logger=_STEP_LOG)
     error: RunError | None = None
     where = "treatment"
+    hook = None  # the plugin whose before_replicate runs, named only if it fails
     try:
         treatment = experiment.treatment_for(condition)
         if treatment is not None:
             treatment.apply(ctx)
         ctx.seal_overrides()
-        for plugin in experiment.plugins:
-            where = f"plugin {type(plugin).__name__}.before_replicate"
-            plugin.before_replicate(experiment, ctx)
+        where = "before_replicate"
+        for hook in experiment.plugins:
+            hook.before_replicate(experiment, ctx)
         where = "datasource"
         data = experiment.datasource(ctx)
-        if inspect.isawaitable(data):
+        if type(data) not in _NEVER_AWAITABLE and inspect.isawaitable(data):
             data = yield data
         where = "pipeline"
         yield from experiment.pipeline.loop(data, ctx, experiment.cache, invokers=invokers)
@@ -138,12 +143,12 @@ def _run(
         error = _error(replicate, condition, exc.step, exc.__cause__ or exc)
     except ParameterError as exc:
         # In the pipeline the step that could not be filled names itself.
-        step = exc.step if where == "pipeline" and exc.step else where
+        step = exc.step if where == "pipeline" and exc.step else _where(where, hook)
         error = _error(replicate, condition, step, exc)
     except BaseException as exc:
         if is_interrupt(exc):
             raise
-        error = _error(replicate, condition, where, exc)
+        error = _error(replicate, condition, _where(where, hook), exc)
     for plugin in experiment.plugins:
         try:
             plugin.after_replicate(experiment, ctx)
@@ -162,6 +167,11 @@ def _run(
         error=error,
         seconds=time.perf_counter() - started,
     )
+
+
+def _where(stage: str, plugin: Any) -> str:
+    """Where a run failed, as RunError.step says it."""
+    return f"plugin {type(plugin).__name__}.before_replicate" if stage == "before_replicate" else stage
 
 
 def _error(replicate: int, condition: str, where: str, exc: BaseException) -> RunError:
