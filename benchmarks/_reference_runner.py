@@ -180,12 +180,24 @@ def matmul(data, ctx):
     return data
 
 
+NAP_SECONDS = 0.2
+
+
+@pipeline_step()
+async def nap(data, ctx):
+    # bench_async_ray.py's workload: a step that only waits.
+    import asyncio
+
+    await asyncio.sleep(NAP_SECONDS)
+    return data
+
+
 def _build_experiment(plugins: list, runs: int, log_level: str | None, workload: str = "noop") -> Experiment:
     plugins = list(plugins)
     plugins.append(ArtifactPlugin(root_dir=os.path.join(_SCRATCH, "data")))
     if log_level is not None:
         plugins.append(LoggingPlugin(log_level=log_level))
-    first = matmul() if workload == "matmul" else passthrough()
+    first = {"matmul": matmul, "nap": nap}.get(workload, passthrough)()
     return Experiment(
         datasource=constant_source(),
         pipeline=Pipeline([first, record_metric()]),
@@ -276,7 +288,7 @@ def _run_ray(args, info: dict):
             ray.get([warm.remote() for _ in range(4 * args.ray_cpus)])
             info["ray_warmup_seconds"] = round(time.perf_counter() - t0, 4)
 
-        exp = _build_experiment([RayExecution()], args.runs, args.log_level)
+        exp = _build_experiment([RayExecution()], args.runs, args.log_level, args.workload)
         t0 = time.perf_counter()
         result = exp.run()
         elapsed = time.perf_counter() - t0
@@ -369,9 +381,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--workload",
-        choices=["noop", "matmul"],
+        choices=["noop", "matmul", "nap"],
         default="noop",
-        help="noop (default) or matmul: repeated 400x400 products per run",
+        help="noop (default), matmul (repeated 400x400 products per run) or nap (an async step sleeping 0.2 s)",
     )
     parser.add_argument("--ray-cpus", type=int, default=2)
     parser.add_argument("--no-ray-patch", action="store_true")
