@@ -75,6 +75,9 @@ COMMIT_SECONDS = 0.5
 #: The environment variable naming crystallize's working directory (default ``./.crystallize``).
 ENV_HOME = "CRYSTALLIZE_HOME"
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+# Runs written per write(): small enough that the text is built in memory already in
+# use (one big join of a long queue costs page faults), large enough for few calls.
+_CHUNK_LINES = 128
 
 
 def journal_dir(setting: Any = None) -> Path | None:
@@ -290,7 +293,7 @@ class _Writer:
         with self._lock:
             if self._broken or not self.queue:
                 return
-            lines = []
+            lines: list[str] = []
             while self.queue:
                 run = self.queue.popleft()
                 try:
@@ -304,13 +307,33 @@ class _Writer:
                         type(exc).__name__,
                         exc,
                     )
-            try:
-                _write_all(self._fd, ("\n".join(lines) + "\n").encode())
-                os.fsync(self._fd)
-            except OSError as exc:
-                self._broken = True
-                self.queue.clear()
-                self._fail(f"{type(exc).__name__}: {exc}")
+                if len(lines) == _CHUNK_LINES and not self._write(lines):
+                    return
+            if lines and not self._write(lines):
+                return
+            self._sync()
+
+    def _write(self, lines: list[str]) -> bool:
+        """Append ``lines`` (emptying the list); ``False`` if the journal broke."""
+        lines.append("")  # the newline that ends the last line, without copying the text again
+        try:
+            _write_all(self._fd, "\n".join(lines).encode())
+        except OSError as exc:
+            self._break(exc)
+            return False
+        lines.clear()
+        return True
+
+    def _sync(self) -> None:
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            self._break(exc)
+
+    def _break(self, exc: OSError) -> None:
+        self._broken = True
+        self.queue.clear()
+        self._fail(f"{type(exc).__name__}: {exc}")
 
     def stop(self) -> None:
         self._stopping.set()

@@ -367,54 +367,73 @@ def _run_json(run: RunResult) -> str:
     for name, values in run.metrics.items():
         if type(name) is not str or not isinstance(values, (list, tuple)):
             raise _Unusual
-        metrics.append(_STR(name) + ":[" + ",".join([_value(v) for v in values]) + "]")
-    steps = [_step_json(step) for step in run.provenance]
-    seed = run.seed
+        metrics.append(f"{_STR(name)}:[{','.join([_value(v) for v in values])}]")
+    steps = []
+    for step in run.provenance:
+        around = _around(step)
+        seconds = step.seconds
+        steps.append(
+            around[0]
+            + (_FLOAT(seconds) if type(seconds) is float and math.isfinite(seconds) else _value(seconds))
+            + around[1]
+        )
+    replicate, condition, seed = run.replicate, run.condition, run.seed
     return (
-        f'{{"record":{RECORD_VERSION},"replicate":{_raw(run.replicate)},"condition":{_raw(run.condition)},'
+        f'{{"record":{RECORD_VERSION},"replicate":{_INT(replicate) if type(replicate) is int else _raw(replicate)},'
+        f'"condition":{_STR(condition) if type(condition) is str else _raw(condition)},'
         f'"seed":{"null" if seed is None else _value(seed)},"seconds":{_value(run.seconds)},'
         f'"attempts":{_raw(run.attempts)},"metrics":{{{",".join(metrics)}}},"error":null,'
         f'"provenance":[{",".join(steps)}],"artifacts":[],"artifact_errors":[]}}'
     )
 
 
-_HEADS: dict[tuple[Any, ...], str] = {}  # the text up to "seconds" of an uncached step's record
+# A step record is the same text in every run but for its seconds, unless the step
+# was cached (its input differs): the text before and after the seconds, remembered
+# by the step's fields, its params' names and the very objects its params hold (kept
+# alive here, so their ids are not reused): the same objects make the same text.
+_AROUND: dict[tuple[Any, ...], tuple[str, str, Any]] = {}
 _SCALAR_TYPES = frozenset({str, int, float, bool, type(None)})
 
 
-def _step_json(step: Any) -> str:
+def _around(step: Any) -> tuple[str, str, Any]:
     if type(step) is not StepRecord:
         raise _Unusual
-    name, index, params, cache, reads, added = step.name, step.index, step.params, step.cache, step.reads, step.added
-    step_hash, input_hash, miss_reason, served_by = step.step_hash, step.input_hash, step.miss_reason, step.served_by
-    if type(name) is not str or type(index) is not int or type(cache) is not str or type(params) is not dict:
-        raise _Unusual
-    # An uncached step opens each run's record alike, but for its params. Keyed by the
-    # params' values and their exact types, equal keys are equal text: 1, 1.0 and True
-    # are told apart by type; 0.0 and -0.0 (equal, but written apart) are not cached.
-    key = None
-    if reads == () and added == () and step_hash is input_hash is None:
-        values = params.values()
-        kinds = tuple(map(type, values))
-        if _SCALAR_TYPES.issuperset(kinds) and not (float in kinds and 0.0 in values):
-            key = (name, index, cache, tuple(params.items()), kinds)
-    head = None if key is None else _HEADS.get(key)
-    if head is None:
-        head = (
-            f'{{"name":{_STR(name)},"index":{_INT(index)},"params":{_value(params)},'
-            f'"step_hash":{_raw(step_hash)},"input_hash":{_raw(input_hash)},"cache":{_STR(cache)},'
-            f'"reads":{_strings(reads)},"added":{_strings(added)}'
-        )
-        if key is not None:
-            if len(_HEADS) > 4096:  # a few steps times a few conditions; never let it grow
-                _HEADS.clear()
-            _HEADS[key] = head
-    seconds = step.seconds
-    return (
-        f'{head},"seconds":{_FLOAT(seconds) if type(seconds) is float and math.isfinite(seconds) else _value(seconds)},'
-        f'"miss_reason":{"null" if miss_reason is None else _raw(miss_reason)},"waited":{_raw(step.waited)},'
-        f'"served_by":{"null" if served_by is None else _raw(served_by)}}}'
+    params, waited = step.params, step.waited
+    plain = (
+        type(params) is dict
+        and type(step.index) is int
+        and step.reads == ()
+        and step.added == ()
+        and step.step_hash is step.input_hash is step.miss_reason is step.served_by is None
+        and type(waited) is float
     )
+    if plain:
+        values = tuple(params.values())
+        key = (step.name, step.index, step.cache, waited, math.copysign(1.0, waited), *params, *map(id, values))
+        around = _AROUND.get(key)
+        if around is not None:
+            return around
+    name, index, cache = step.name, step.index, step.cache
+    if type(name) is not str or type(index) is not int or type(cache) is not str:
+        raise _Unusual
+    around = (
+        f'{{"name":{_STR(name)},"index":{_INT(index)},"params":{_dict(params)},'
+        f'"step_hash":{_raw(step.step_hash)},"input_hash":{_raw(step.input_hash)},"cache":{_STR(cache)},'
+        f'"reads":{_strings(step.reads)},"added":{_strings(step.added)},"seconds":',
+        f',"miss_reason":{_raw(step.miss_reason)},"waited":{_raw(waited)},"served_by":{_raw(step.served_by)}}}',
+        values if plain else None,
+    )
+    if plain and _SCALAR_TYPES.issuperset(map(type, values)):  # immutable, so the same object is the same text
+        if len(_AROUND) > 4096:  # a few steps times a few conditions; never let it grow
+            _AROUND.clear()
+        _AROUND[key] = around
+    return around
+
+
+def _dict(params: Any) -> str:
+    if type(params) is not dict:
+        raise _Unusual
+    return _value(params)
 
 
 # -- hypotheses --------------------------------------------------------------------

@@ -132,11 +132,23 @@ def step(**changes) -> StepRecord:
         RunResult(12, "b", artifacts=[ArtifactRecord("a.bin", b"\x00\x01")], artifact_errors=["disk full"]),
         RunResult(13, "b", provenance=[step(params={"f": 1.0}), step(params={"f": 1}), step(params={"f": True})]),
         RunResult(14, "b", provenance=[step(params={"f": 0.0}), step(params={"f": -0.0}), step(params={"f": 0})]),
+        RunResult(15, "b", provenance=[step(waited=0.0), step(waited=-0.0)]),
+        RunResult(16, "b", provenance=[step(index=1)]),
+        RunResult(17, "b", provenance=[step(index=True)]),
     ],
     ids=lambda run: f"r{run.replicate}",
 )
 def test_every_kind_of_value_encodes_as_the_general_path(run):
     assert_same_text([run, run])  # twice: the second may take what the first remembered
+
+
+def test_a_param_changed_in_place_is_written_as_it_is_now():
+    shared = [1, 2]
+    run = RunResult(0, "baseline", provenance=[step(params={"a": shared})])
+    assert_same_text([run])
+    shared.append(3)
+    assert_same_text([run])
+    assert '"params":{"a":[1,2,3]}' in run_to_json(run)
 
 
 def test_numpy_values_encode_as_the_general_path():
