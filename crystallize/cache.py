@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -55,6 +56,7 @@ from .entries import (
     CacheEntry,
     CorruptEntryError,
     Manifest,
+    OtherFormatError,
     blob_name,
     decode_entry,
     encode_entry,
@@ -80,6 +82,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("crystallize.cache")
+
+#: Stores already told about entries of another format (said once per store and process).
+_OTHER_FORMAT_SEEN: set[str] = set()
+_OTHER_FORMAT_LOCK = threading.Lock()
 
 _ABSENT = "<absent>"
 _INDEX = ".reads"
@@ -343,7 +349,18 @@ class StepCache:
         return entry
 
     def _discard(self, namespace: str, key: str, exc: Exception) -> None:
-        log.warning("Cache entry %s is damaged (%s); recomputing it.", self.store.where(namespace, key), exc)
+        if isinstance(exc, OtherFormatError):  # an upgrade, not damage: say it once, quietly
+            with _OTHER_FORMAT_LOCK:
+                first = repr(self.store) not in _OTHER_FORMAT_SEEN
+                _OTHER_FORMAT_SEEN.add(repr(self.store))
+            if first:
+                log.info(
+                    "Cache entries in %s were %s; each is recomputed and replaced when a run needs it.",
+                    self.store,
+                    exc,
+                )
+        else:
+            log.warning("Cache entry %s is damaged (%s); recomputing it.", self.store.where(namespace, key), exc)
         self.store.delete(namespace, key)
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "decode_entry",
     "encode_entry",
     "make_manifest",
+    "OtherFormatError",
     "open_manifest",
     "read_header",
 ]
@@ -70,6 +71,11 @@ _HEADER_LEN = 4
 class CorruptEntryError(ValueError):
     """A frame or blob is not whole, not signed with this cache's key for this place,
     or does not unpickle."""
+
+
+class OtherFormatError(CorruptEntryError):
+    """A frame written in another frame version, by another version of crystallize: a
+    miss, not damage."""
 
 
 @dataclass
@@ -209,6 +215,11 @@ def open_manifest(frame: bytes, key: bytes, where: str) -> Manifest:
             does not unpickle here.
     """
     head = len(MAGIC)
+    if len(frame) > head and frame.startswith(MAGIC[:-1]) and not frame.startswith(MAGIC):
+        raise OtherFormatError(
+            f"written in cache format {frame[head - 1]} by another version of crystallize; "
+            f"this one reads format {MAGIC[-1]}"
+        )
     if len(frame) < head + MAC_SIZE + _HEADER_LEN or not frame.startswith(MAGIC):
         raise CorruptEntryError("bad header")
     view = memoryview(frame)

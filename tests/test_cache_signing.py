@@ -113,15 +113,28 @@ def test_a_forged_entry_is_never_unpickled_and_is_rewritten(forge, tmp_path, cap
     assert decode_file(path, cache_key()).output == [1, 4, 9]
 
 
-def test_an_entry_of_the_unsigned_format_is_a_miss_and_is_rewritten(tmp_path, caplog):
+def test_an_entry_of_an_older_format_is_a_quiet_miss_and_is_rewritten(tmp_path, caplog):
     path = entry_file(tmp_path / "cache", experiment().run(replicates=1))
     blob = path.read_bytes()
     path.write_bytes(b"CRYSTALLIZE-ENTRY\x01" + bytes(16) + blob[len(MAGIC) + MAC_SIZE :])
+    with caplog.at_level(logging.INFO, logger="crystallize"):
+        result = experiment().run()
+    assert result.runs[0].provenance[0].cache == "miss"
+    # An upgrade is not damage: said once, at INFO, naming both formats.
+    said = [r for r in caplog.records if "another version of crystallize" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.INFO
+    assert "format 1" in said[0].getMessage() and f"format {MAGIC[-1]}" in said[0].getMessage()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert decode_file(path, cache_key()).output == [1, 4, 9]
+
+
+def test_a_frame_that_is_no_entry_at_all_is_damaged(tmp_path, caplog):
+    path = entry_file(tmp_path / "cache", experiment().run(replicates=1))
+    path.write_bytes(b"PK\x03\x04 not an entry")
     with caplog.at_level(logging.WARNING, logger="crystallize"):
         result = experiment().run()
     assert result.runs[0].provenance[0].cache == "miss"
-    assert "bad header" in caplog.text
-    assert decode_file(path, cache_key()).output == [1, 4, 9]
+    assert "damaged (bad header)" in caplog.text
 
 
 def test_decode_rejects_a_body_signed_with_another_key():
