@@ -2,8 +2,9 @@
 
     python examples/quickstart.py [--replicates 20]
 
-No cluster is needed: RayExecution starts a local Ray for the run and shuts it down
-afterwards. Set RAY_ADDRESS (or run this under `ray job submit`) to use a cluster.
+No cluster is needed: RayExecution starts a local Ray, which stays up for later runs in
+this process and goes when it exits. Set RAY_ADDRESS (or run this under `ray job submit`)
+to use a cluster.
 """
 
 from __future__ import annotations
