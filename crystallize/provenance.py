@@ -14,6 +14,8 @@ __all__ = ["CacheStatus", "StepRecord"]
 #: failed (the run is unaffected).
 CacheStatus = Literal["off", "hit", "miss", "skipped", "error"]
 
+_FRESH: Any = object()  # params not given: each record gets a dict of its own
+
 
 @dataclass(frozen=True)
 class StepRecord:
@@ -63,3 +65,36 @@ class StepRecord:
     miss_reason: str | None = None
     waited: float = 0.0
     served_by: str | None = None
+
+    def __init__(
+        self,
+        name: str,
+        index: int,
+        params: dict[str, Any] = _FRESH,
+        step_hash: str | None = None,
+        input_hash: str | None = None,
+        cache: CacheStatus = "off",
+        reads: tuple[str, ...] = (),
+        added: tuple[str, ...] = (),
+        seconds: float = 0.0,
+        miss_reason: str | None = None,
+        waited: float = 0.0,
+        served_by: str | None = None,
+    ) -> None:
+        # The dataclass's own __init__ for a frozen class sets each of the twelve fields
+        # through object.__setattr__; one is made per step of every run, so fill the
+        # instance's dict at once (field order kept, so repr, pickles and eq are alike).
+        self.__dict__.update(
+            name=name,
+            index=index,
+            params={} if params is _FRESH else params,
+            step_hash=step_hash,
+            input_hash=input_hash,
+            cache=cache,
+            reads=reads,
+            added=added,
+            seconds=seconds,
+            miss_reason=miss_reason,
+            waited=waited,
+            served_by=served_by,
+        )

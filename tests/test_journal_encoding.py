@@ -8,6 +8,7 @@ hand-made runs holding every kind of value the record format tags.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -168,6 +169,15 @@ def test_a_value_json_cannot_hold_raises_as_the_general_path():
         general(run)
     with pytest.raises(ValueError):
         run_to_json(run)
+
+
+def test_a_step_record_is_a_frozen_dataclass_with_every_field_in_order():
+    record = StepRecord("s", 0)
+    assert list(vars(record)) == [f.name for f in dataclasses.fields(StepRecord)]
+    assert record.params == {} and record.params is not StepRecord("s", 0).params
+    assert dataclasses.replace(record, seconds=0.5) == StepRecord("s", 0, seconds=0.5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.name = "t"  # type: ignore[misc]
 
 
 def test_a_line_reads_back_as_the_run():
