@@ -35,7 +35,8 @@ from crystallize.backend import (
 )
 
 from . import _stream, _worker, cache_tier, session
-from .pools import POOL_OPTIONS, check_pool_option, heavy_specs, pools, with_runtime_env
+from .pool_specs import POOL_OPTIONS, check_pool_option, heavy_specs, with_runtime_env
+from .pools import pools
 
 __all__ = ["RayExecution"]
 
