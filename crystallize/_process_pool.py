@@ -314,10 +314,11 @@ class ProcessRuns:
             batch = worker.batches[0]
             assert batch.seq == seq, f"batch {seq} came back while {batch.seq} was expected"
             results = unpack_results(packed)
-            for run in results:
-                spec = RunSpec(run.replicate, run.condition)
-                if spec in self.deaths:
-                    run.attempts = self.deaths[spec] + 1
+            if self.deaths:  # only runs retried after their worker died were attempted more than once
+                for run in results:
+                    spec = RunSpec(run.replicate, run.condition)
+                    if spec in self.deaths:
+                        run.attempts = self.deaths[spec] + 1
             batch.back += len(results)
             self.ready.extend(results)
             if complete:
