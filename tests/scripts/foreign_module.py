@@ -19,7 +19,7 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 
 import ray
 
-import crystallize.serialization
+import crystallize.by_value
 from crystallize import SerialExecution
 from crystallize_ray import RayExecution
 
@@ -27,7 +27,7 @@ from crystallize_ray import RayExecution
 def main() -> None:
     module_dir, module_name = sys.argv[1], sys.argv[2]
     if "--by-reference" in sys.argv:  # the control: pickle the user's module by reference
-        crystallize.serialization.user_modules = lambda *roots: []
+        crystallize.by_value.user_modules = lambda *roots: []
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     sys.path.insert(0, module_dir)  # only the driver can import it from here on
     module = __import__(module_name)
