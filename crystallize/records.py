@@ -367,24 +367,30 @@ def _run_json(run: RunResult) -> str:
     for name, values in run.metrics.items():
         if type(name) is not str or not isinstance(values, (list, tuple)):
             raise _Unusual
-        metrics.append(f"{_STR(name)}:[{','.join([_value(v) for v in values])}]")
+        if len(values) == 1:  # the usual metric: one value per run
+            metrics.append(f"{_STR(name)}:[{_number(values[0])}]")
+        else:
+            metrics.append(f"{_STR(name)}:[{','.join([_value(v) for v in values])}]")
     steps = []
     for step in run.provenance:
         around = _around(step)
-        seconds = step.seconds
-        steps.append(
-            around[0]
-            + (_FLOAT(seconds) if type(seconds) is float and math.isfinite(seconds) else _value(seconds))
-            + around[1]
-        )
-    replicate, condition, seed = run.replicate, run.condition, run.seed
+        steps.append(around[0] + _number(step.seconds) + around[1])
+    replicate, condition, seed, attempts = run.replicate, run.condition, run.seed, run.attempts
     return (
         f'{{"record":{RECORD_VERSION},"replicate":{_INT(replicate) if type(replicate) is int else _raw(replicate)},'
         f'"condition":{_STR(condition) if type(condition) is str else _raw(condition)},'
-        f'"seed":{"null" if seed is None else _value(seed)},"seconds":{_value(run.seconds)},'
-        f'"attempts":{_raw(run.attempts)},"metrics":{{{",".join(metrics)}}},"error":null,'
+        f'"seed":{"null" if seed is None else _value(seed)},"seconds":{_number(run.seconds)},'
+        f'"attempts":{_INT(attempts) if type(attempts) is int else _raw(attempts)},'
+        f'"metrics":{{{",".join(metrics)}}},"error":null,'
         f'"provenance":[{",".join(steps)}],"artifacts":[],"artifact_errors":[]}}'
     )
+
+
+def _number(value: Any) -> str:
+    """:func:`_value`, first trying the usual case: a finite float."""
+    if type(value) is float and math.isfinite(value):
+        return _FLOAT(value)
+    return _value(value)
 
 
 # A step record is the same text in every run but for its seconds, unless the step
