@@ -7,31 +7,30 @@ metrics and provenance.
 
 from __future__ import annotations
 
-import functools
 import inspect
-import logging
 import time
-import types
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ._drive import Loop, adrive, drive, is_interrupt, loop_error, loop_running
-from .cache import CacheEntry, StepCache, read_digests, value_digest
+from .cache import StepCache, value_digest
 from .context import _ACTIVE, FrozenContext, _StepRecorder
 from .errors import ParameterError, PipelineError, StepError
-from .explain import RECORD_KEY, KeyParts, remember, why_missed
-from .fingerprint import code_fingerprint
-from .hashing import UnhashableValueError, hash_struct, hash_value
 from .invokers import StepInvoker, replay_effects, step_call
 from .provenance import CacheStatus, StepRecord
-from .randomness import capture, consumed, restore
-from .steps import FunctionStep, PipelineStep, is_step_factory, step_key
+from .step_cache import (
+    Keys,
+    cache_key,
+    capture_generators,
+    consumed_generators,
+    lookup,
+    replay_step,
+    store_entry,
+)
+from .steps import FunctionStep, PipelineStep, is_step_factory
 from .stores import CacheStore, default_cache_store, open_store
 
 __all__ = ["Pipeline"]
-
-log = logging.getLogger("crystallize.pipeline")
-cache_log = logging.getLogger("crystallize.cache")
 
 
 class Pipeline:
@@ -155,24 +154,6 @@ class Pipeline:
         return f"Pipeline([{', '.join(repr(s) for s in self.steps)}])"
 
 
-class _Keys:
-    """A cacheable step's cache key for one call, and the parts it was made of."""
-
-    __slots__ = ("input_hash", "parts", "step_hash")
-
-    def __init__(self, step_hash: str, input_hash: str, parts: KeyParts) -> None:
-        self.step_hash, self.input_hash, self.parts = step_hash, input_hash, parts
-
-
-class _Miss:
-    """Why a lookup missed, and the step's key record to update when it is stored."""
-
-    __slots__ = ("namespace", "reason", "record")
-
-    def __init__(self, reason: str | None, namespace: str | None = None, record: Any = None) -> None:
-        self.reason, self.namespace, self.record = reason, namespace, record
-
-
 def _run_step(
     index: int,
     step: PipelineStep,
@@ -196,17 +177,17 @@ def _run_step(
             if exc.step is None:
                 exc.step = step.name
             raise
-        keys = _cache_key(step, params, data) if caching else None
+        keys = cache_key(step, params, data) if caching else None
         status: CacheStatus = "off" if not caching else ("skipped" if keys is None else "miss")
         miss, generators = None, None
         if keys is not None:
             cache.failed = False  # type: ignore[union-attr]  # this step's store errors only
-            entry, miss = _lookup(cache, keys, ctx, step, index)  # type: ignore[arg-type]
+            entry, miss = lookup(cache, keys, ctx, step, index)  # type: ignore[arg-type]
             if entry is None:  # single flight: wait while another run computes this entry
                 flight = yield from cache.single_flight(keys.step_hash, keys.input_hash, ctx)  # type: ignore[union-attr]
                 if flight.entry is not None:
                     entry, miss = flight.entry, None
-                    _replay_step(entry, ctx, step, index)
+                    replay_step(entry, ctx, step, index)
             if entry is not None:
                 _record(
                     ctx,
@@ -222,7 +203,7 @@ def _run_step(
                 )
                 return entry.output
             # What the step may draw from, as it finds it (see crystallize.randomness).
-            generators = _capture(step, ctx)
+            generators = capture_generators(step, ctx)
         try:
             if invoker is None:
                 output = _invoke(step, data, ctx, params)
@@ -239,12 +220,12 @@ def _run_step(
             if is_interrupt(exc):
                 raise
             raise StepError(step.name, index, exc) from exc
-        moved = _consumed(step, generators) if keys is not None else None
+        moved = consumed_generators(step, generators) if keys is not None else None
         output = _split_metrics(output, ctx)
         if keys is not None:
             status = "skipped"
             if moved is not None:
-                status = _store(cache, step, keys, output, recorder, moved, miss)  # type: ignore[arg-type]
+                status = store_entry(cache, step, keys, output, recorder, moved, miss)  # type: ignore[arg-type]
             if cache.failed:  # type: ignore[union-attr]  # warned once by the store; the run stands
                 status = "error"
         _record(
@@ -268,149 +249,10 @@ def _run_step(
             flight.release()
 
 
-def _lookup(
-    cache: StepCache, keys: _Keys, ctx: FrozenContext, step: PipelineStep, index: int
-) -> tuple[CacheEntry | None, _Miss | None]:
-    """The entry for ``keys`` replayed into ``ctx``, or ``(None, why it missed)``."""
-    entry, reason = cache.find(keys.step_hash, keys.input_hash, ctx)
-    if entry is None:
-        miss = _Miss(reason)
-        if reason is None:  # no entry for this key at all: the step's last key says why
-            miss.namespace = hash_struct("explain", step.qualified_name(), index)
-            miss.record = cache.load_record(miss.namespace, RECORD_KEY)
-            miss.reason = why_missed(miss.record, keys.parts)
-        cache_log.debug(
-            "Step %r (index %d) missed the cache: %s.", step.name, index, miss.reason or "no entry for this step yet"
-        )
-        return None, miss
-    _replay_step(entry, ctx, step, index)
-    return entry, None
-
-
-def _replay_step(entry: CacheEntry, ctx: FrozenContext, step: PipelineStep, index: int) -> None:
-    try:
-        _replay(entry, ctx)
-    except Exception as exc:  # fail as the step itself would have
-        raise StepError(step.name, index, exc) from exc
-
-
-def _capture(step: PipelineStep, ctx: FrozenContext) -> list[Any] | None:
-    try:
-        return capture(ctx)
-    except Exception as exc:  # an optimisation never costs a run
-        _unreadable_generators(step, exc)
-        return None
-
-
-def _consumed(step: PipelineStep, generators: list[Any] | None) -> list[Any] | None:
-    """The generators the step drew from; ``None`` if that cannot be known (not stored)."""
-    if generators is None:
-        return None
-    try:
-        return consumed(generators)
-    except Exception as exc:
-        _unreadable_generators(step, exc)
-        return None
-
-
-def _unreadable_generators(step: PipelineStep, exc: Exception) -> None:
-    log.warning(
-        "Step %r: the random generators' state could not be read (%s: %s); its output is not cached.",
-        step.name,
-        type(exc).__name__,
-        exc,
-    )
-
-
 def _invoke(step: PipelineStep, data: Any, ctx: FrozenContext, params: dict[str, Any]) -> Any:
     if isinstance(step, FunctionStep):
         return step.call_resolved(data, ctx, params)
     return step(data, ctx)
-
-
-def _cache_key(step: PipelineStep, params: dict[str, Any], data: Any) -> _Keys | None:
-    try:
-        identity, code = step.cache_identity()
-    except UnhashableValueError:
-        return None  # the step warned once, naming the type, when it found out
-    try:
-        explicit = {name: _param_digest(value) for name, value in dict(step.params).items()}
-        injected = {name: _param_digest(value) for name, value in params.items() if name not in explicit}
-        input_hash = hash_value(data)
-    except Exception as exc:
-        log.warning(
-            "Step %r is cacheable but its parameters or input could not be hashed (%s: %s); it runs without the cache.",
-            step.name,
-            type(exc).__name__,
-            exc,
-        )
-        return None
-    parts = KeyParts(identity, code, explicit, injected, input_hash)
-    return _Keys(step_key(identity, code, explicit, injected), input_hash, parts)
-
-
-def _param_digest(value: Any) -> str:
-    """A parameter's digest; a function (or a partial of one) by its code, not its name.
-
-    ``step(fn=helper)``: editing ``helper`` must miss, and a lambda has no name to go by.
-    """
-    target = value.func if isinstance(value, functools.partial) else value
-    if isinstance(target, types.FunctionType):
-        args = (value.args, value.keywords) if target is not value else ()
-        return hash_struct("function parameter", code_fingerprint(target), hash_value(args))
-    return hash_value(value)
-
-
-def _store(
-    cache: StepCache,
-    step: PipelineStep,
-    keys: _Keys,
-    output: Any,
-    recorder: _StepRecorder,
-    moved: list[tuple[Any, Any, Any]],
-    miss: _Miss | None,
-) -> CacheStatus:
-    # A generator the step drew from is read like a ctx value: the entry holds for
-    # its state at entry only, and a hit leaves it where the step left it.
-    for key, before, _ in moved:
-        recorder.note(key, before)
-    try:
-        reads = read_digests(recorder.reads)
-    except Exception as exc:
-        log.warning(
-            "Step %r read a context value that cannot be hashed (%s); its output is not cached.",
-            step.name,
-            exc,
-        )
-        return "skipped"
-    entry = CacheEntry(
-        output,
-        list(recorder.metrics),
-        list(recorder.added),
-        reads,
-        list(recorder.artifacts),
-        {key: after for key, _, after in moved},
-    )
-    if not cache.save(keys.step_hash, keys.input_hash, entry, step=step.name):
-        log.warning("Step %r: output not cached (see the warning above).", step.name)
-        return "skipped"
-    if miss is not None and miss.namespace is not None:
-        try:
-            cache.save_record(miss.namespace, RECORD_KEY, remember(miss.record, keys.parts))
-        except Exception as exc:  # only explanations suffer
-            cache_log.debug("Step %r: could not record its key's parts: %s", step.name, exc)
-    return "miss"
-
-
-def _replay(entry: CacheEntry, ctx: FrozenContext) -> None:
-    for name, value in entry.metrics:
-        ctx.metrics.add(name, value)
-    for key, value in entry.added:
-        ctx.add(key, value)
-    for artifact in entry.artifacts:
-        ctx._replay_artifact(artifact)
-    for key, state in entry.random_after.items():
-        restore(key, state, ctx)
 
 
 def _split_metrics(output: Any, ctx: FrozenContext) -> Any:
@@ -428,7 +270,7 @@ def _record(
     step: PipelineStep,
     index: int,
     params: dict[str, Any],
-    keys: _Keys | None,
+    keys: Keys | None,
     status: CacheStatus,
     reads: tuple[str, ...],
     recorder: _StepRecorder,
