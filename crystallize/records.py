@@ -394,31 +394,35 @@ def _number(value: Any) -> str:
 
 
 # A step record is the same text in every run but for its seconds, unless the step
-# was cached (its input differs): the text before and after the seconds, remembered
-# by the step's fields, its params' names and the very objects its params hold (kept
-# alive here, so their ids are not reused): the same objects make the same text.
-_AROUND: dict[tuple[Any, ...], tuple[str, str, Any]] = {}
+# was cached (its input differs): the text before and after the seconds, remembered by
+# the step's fields and its params' names, values and their exact types. Equal keys are
+# equal text: 1, 1.0 and True differ in type; 0.0 and -0.0 (equal, but written apart)
+# by waited's sign, and params holding a zero are not remembered. By value, not by
+# identity: a run unpickled from a worker process holds copies.
+_AROUND: dict[tuple[Any, ...], tuple[str, str]] = {}
 _SCALAR_TYPES = frozenset({str, int, float, bool, type(None)})
 
 
-def _around(step: Any) -> tuple[str, str, Any]:
+def _around(step: Any) -> tuple[str, str]:
     if type(step) is not StepRecord:
         raise _Unusual
     params, waited = step.params, step.waited
-    plain = (
+    key = None
+    if (
         type(params) is dict
         and type(step.index) is int
         and step.reads == ()
         and step.added == ()
         and step.step_hash is step.input_hash is step.miss_reason is step.served_by is None
         and type(waited) is float
-    )
-    if plain:
+    ):
         values = tuple(params.values())
-        key = (step.name, step.index, step.cache, waited, math.copysign(1.0, waited), *params, *map(id, values))
-        around = _AROUND.get(key)
-        if around is not None:
-            return around
+        kinds = tuple(map(type, values))
+        if _SCALAR_TYPES.issuperset(kinds) and not (float in kinds and 0.0 in values):
+            key = (step.name, step.index, step.cache, waited, math.copysign(1.0, waited), *params, *values, *kinds)
+            around = _AROUND.get(key)
+            if around is not None:
+                return around
     name, index, cache = step.name, step.index, step.cache
     if type(name) is not str or type(index) is not int or type(cache) is not str:
         raise _Unusual
@@ -427,9 +431,8 @@ def _around(step: Any) -> tuple[str, str, Any]:
         f'"step_hash":{_raw(step.step_hash)},"input_hash":{_raw(step.input_hash)},"cache":{_STR(cache)},'
         f'"reads":{_strings(step.reads)},"added":{_strings(step.added)},"seconds":',
         f',"miss_reason":{_raw(step.miss_reason)},"waited":{_raw(waited)},"served_by":{_raw(step.served_by)}}}',
-        values if plain else None,
     )
-    if plain and _SCALAR_TYPES.issuperset(map(type, values)):  # immutable, so the same object is the same text
+    if key is not None:
         if len(_AROUND) > 4096:  # a few steps times a few conditions; never let it grow
             _AROUND.clear()
         _AROUND[key] = around

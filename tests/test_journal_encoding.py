@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pickle
 
 import pytest
 
@@ -103,6 +104,7 @@ def test_real_runs_of_several_experiments_encode_as_the_general_path(tmp_path):
     assert any(run.error for run in runs) and any(run.artifacts for run in runs)
     assert any(step.step_hash for run in runs for step in run.provenance)
     assert_same_text(runs)
+    assert_same_text(pickle.loads(pickle.dumps(runs)))  # as they come back from worker processes
     by_condition = {run.condition: run_to_json(run) for run in runs}
     # Equal params of other types or signs stay apart, whatever was written before.
     assert '"params":{"factor":0.0,' in by_condition["zero"]
