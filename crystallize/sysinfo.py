@@ -185,12 +185,15 @@ def _versions() -> dict[str, str]:
     core = getattr(sys.modules.get("crystallize"), "__version__", None)
     versions = {"python": platform.python_version(), "crystallize": core or _version("crystallize-lab")}
     for dist in ("numpy", "ray"):
-        found = _version(dist)
+        # The loaded module's own version when it is imported (what the runs use);
+        # else the installed one, read from package metadata once per process.
+        found = getattr(sys.modules.get(dist), "__version__", None) or _version(dist)
         if found:
             versions[dist] = found
     return {k: v for k, v in versions.items() if v}
 
 
+@functools.lru_cache(maxsize=8)
 def _version(distribution: str) -> str | None:
     try:
         return importlib.metadata.version(distribution)
