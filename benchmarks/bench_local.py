@@ -16,9 +16,11 @@ experiment also carries an ``ArtifactPlugin`` (no artifacts are written) and a q
 ``LoggingPlugin``, as the reference probe's does (its ``log_level="WARNING"`` is a
 threshold that silences its INFO lines; ours logs at INFO, which nothing shows here).
 
-Each backend runs the N runs ``--repeat`` times; the best time is reported, as seconds,
-milliseconds per run and the ratio to a bare Python loop calling the same three
-functions N times. When a reference interpreter is given (default:
+Each backend runs the N runs ``--repeat`` times with the run journal on (the default)
+and, interleaved, with ``journal=False`` (like for like with the previous release,
+which had no journal); the best times are reported, as seconds, milliseconds per run
+with and without the journal, and the ratio to a bare Python loop calling the same
+three functions N times. When a reference interpreter is given (default:
 ``/work/refenv/bin/python`` if it exists), ``_reference_runner.py`` is run with it for
 the serial, thread and process backends (``--log-level WARNING --workers 2``, best of
 ``--repeat`` invocations) and its per-run time is printed beside ours with the ratio
@@ -124,14 +126,19 @@ def bare_loop(runs: int) -> float:
     return elapsed
 
 
-def time_backend(name: str, runs: int, scratch: str) -> float:
-    """Seconds for ``Experiment.run()`` of ``runs`` runs on one backend, checked."""
+def time_backend(name: str, runs: int, scratch: str, *, journal: bool = True) -> float:
+    """Seconds for ``Experiment.run()`` of ``runs`` runs on one backend, checked.
+
+    ``journal=True`` keeps the run journal on, as by default (in ``scratch``);
+    ``False`` measures the run itself, as the previous release (which had no journal) did.
+    """
     exp = Experiment(
         datasource=constant_source(),
         pipeline=Pipeline([passthrough(), record_metric()]),
         plugins=[BACKENDS[name](), ArtifactPlugin(root_dir=scratch), LoggingPlugin()],
         name="overhead_probe",
         replicates=runs,
+        journal=os.path.join(scratch, "journals") if journal else False,
     )
     return run_checked(exp, runs)
 
@@ -253,9 +260,14 @@ def main(argv: list[str] | None = None) -> int:
 
     base = min(bare_loop(runs) for _ in range(repeat))
     ours: dict[str, float] = {}
+    unjournaled: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="crystallize_bench_") as scratch:
         for name in BACKENDS:
-            ours[name] = min(time_backend(name, runs, scratch) for _ in range(repeat))
+            on, off = [], []
+            for _ in range(repeat):  # interleaved, so both see the same machine
+                on.append(time_backend(name, runs, scratch))
+                off.append(time_backend(name, runs, scratch, journal=False))
+            ours[name], unjournaled[name] = min(on), min(off)
 
     refs: dict[str, dict] = {}
     ref_version = None
@@ -267,15 +279,18 @@ def main(argv: list[str] | None = None) -> int:
     def ms(seconds: float) -> float:
         return seconds * 1000.0 / runs
 
-    header = f"{'backend':<22}{'seconds':>10}{'per-run ms':>12}{'x bare loop':>13}"
+    header = f"{'backend':<22}{'seconds':>10}{'per-run ms':>12}{'no journal':>12}{'x bare loop':>13}"
     if refs:
         header += f"{'reference ms':>14}{'ref / ours':>12}"
     print()
     print(header)
     print("-" * len(header))
-    print(f"{'bare Python loop':<22}{base:>10.4f}{ms(base):>12.5f}{1.0:>13.1f}")
+    print(f"{'bare Python loop':<22}{base:>10.4f}{ms(base):>12.5f}{'':>12}{1.0:>13.1f}")
     for name, seconds in ours.items():
-        line = f"{LABELS[name]:<22}{seconds:>10.4f}{ms(seconds):>12.4f}{seconds / base:>13.1f}"
+        line = (
+            f"{LABELS[name]:<22}{seconds:>10.4f}{ms(seconds):>12.4f}{ms(unjournaled[name]):>12.4f}"
+            f"{seconds / base:>13.1f}"
+        )
         if refs:
             ref = refs.get(name)
             if ref is None:
