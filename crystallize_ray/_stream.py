@@ -53,20 +53,33 @@ class BatchSizer:
       ``max_runs_per_worker``);
     * overlapping (async or pooled steps, whose runs mostly wait): the plan spread
       evenly over the task slots, at most ``max_concurrency`` runs per task, so runs
-      share each worker's event loop;
+      share each worker's event loop. Runs that wait on an actor pool gain nothing
+      from sharing a task beyond the calls the pool serves at once (``overlap_cap``,
+      spread over the slots): a bigger batch would only hold finished runs back from
+      the driver, its journal and a Ctrl-C, since a task returns its runs together;
     * otherwise adaptive: tasks start with one run, and runs that prove tiny are
       grouped until a task takes ~50 ms, never more than a quarter of the remaining
       work per slot, so every CPU stays busy to the end.
     """
 
     def __init__(
-        self, fixed: int | None, slots: int, *, overlap: bool = False, total: int = 0, max_concurrency: int = 64
+        self,
+        fixed: int | None,
+        slots: int,
+        *,
+        overlap: bool = False,
+        total: int = 0,
+        max_concurrency: int = 64,
+        overlap_cap: int | None = None,
     ) -> None:
         self.fixed, self.slots = fixed, max(1, slots)
         self.mean: float | None = None
         self.overlap_size = None
         if overlap and fixed is None:
-            self.overlap_size = max(1, min(max_concurrency, math.ceil(total / self.slots)))
+            size = min(max_concurrency, math.ceil(total / self.slots))
+            if overlap_cap is not None:
+                size = min(size, math.ceil(overlap_cap / self.slots))
+            self.overlap_size = max(1, size)
 
     def observe(self, results: list[RunResult]) -> None:
         if results:

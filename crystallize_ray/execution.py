@@ -328,6 +328,7 @@ class RayExecution(ExecutionBackend):
             overlap=overlap,
             total=len(plan),
             max_concurrency=self.max_concurrency,
+            overlap_cap=_pool_capacity(handles),
         )
         try:
             yield from _stream.stream(
@@ -374,6 +375,12 @@ class RayExecution(ExecutionBackend):
                     "each task, not in a pool. Set heavy = True on the class to pool it.",
                     name,
                 )
+
+
+def _pool_capacity(handles: Mapping[int, Any]) -> int | None:
+    """How many calls the narrowest pool takes at once (its actors, each with its bound)."""
+    pools = {id(h): h for h in handles.values()}.values()
+    return min((len(h.actors) * h.max_in_flight for h in pools), default=None)
 
 
 def _pool_overrides_valid(value: Any) -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from crystallize import (
+    BasePlugin,
     ConfigurationError,
     Experiment,
     FrozenContext,
@@ -369,3 +370,35 @@ def test_pool_options_are_checked_when_the_backend_is_built():
         RayExecution(heavy={"Model": {"num_gpus": -1}})
     with pytest.raises(ConfigurationError, match="timeout"):
         RayExecution(timeout=0)
+
+
+class _Arrivals(BasePlugin):
+    """When each run's result reaches the driver (where the journal and a Ctrl-C see it)."""
+
+    def __init__(self):
+        self.times = []
+
+    def on_run_result(self, experiment, run):
+        self.times.append(time.monotonic())
+
+
+class Slow(PipelineStep):
+    heavy = True
+
+    def __call__(self, data, ctx):
+        time.sleep(0.2)
+        return data, {"y": data}
+
+
+def test_runs_waiting_on_a_pool_come_back_as_the_pool_serves_them():
+    # One actor serves one call at a time. A task holding many of its runs would return
+    # them together at its end: the driver, its journal and a Ctrl-C would see none of
+    # the finished ones until then.
+    arrivals = _Arrivals()
+    backend = RayExecution(heavy={"Slow": {"pool_size": 1}})
+    result = Experiment(
+        lambda ctx: ctx["replicate"], Pipeline([Slow()]), name="arrivals", plugins=[backend, arrivals]
+    ).run(replicates=20)
+    assert result.errors == [] and len(arrivals.times) == 20
+    burst = max(sum(1 for t in arrivals.times if start <= t < start + 0.1) for start in arrivals.times)
+    assert burst <= 4, f"{burst} of 20 runs reached the driver within 0.1 s: held back in one task"
