@@ -327,6 +327,15 @@ class FrozenContext:
             own = {key for key, _ in recorder.added}
             recorder.note(_KEYS_READ, tuple(k for k in self._data if k not in own))
 
+    def _replay(self, metrics: Any, added: Any, artifacts: Any) -> None:
+        """Apply what a step did elsewhere (a cache entry, a hosted call): metrics, keys, artifacts."""
+        for name, value in metrics:
+            self.metrics.add(name, value)
+        for key, value in added:
+            self.add(key, value)
+        for artifact in artifacts:
+            self._replay_artifact(artifact)
+
     def _replay_artifact(self, artifact: Any) -> None:
         """Keep an artifact written (or replayed from the cache) during this run."""
         self.artifacts.append(artifact)

@@ -256,12 +256,7 @@ def replay_effects(effects: StepEffects, call: StepCall, ctx: FrozenContext) -> 
     for key, state in effects.randomness.items():
         if key[2].startswith("ctx:"):
             restore(key, state, ctx)
-    for name, value in effects.metrics:
-        ctx.metrics.add(name, value)
-    for key, value in effects.added:
-        ctx.add(key, value)
-    for artifact in effects.artifacts:
-        ctx._replay_artifact(artifact)
+    ctx._replay(effects.metrics, effects.added, effects.artifacts)
     return effects.output
 
 

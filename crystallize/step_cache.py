@@ -187,11 +187,6 @@ def store_entry(
 
 
 def replay_entry(entry: CacheEntry, ctx: FrozenContext) -> None:
-    for name, value in entry.metrics:
-        ctx.metrics.add(name, value)
-    for key, value in entry.added:
-        ctx.add(key, value)
-    for artifact in entry.artifacts:
-        ctx._replay_artifact(artifact)
+    ctx._replay(entry.metrics, entry.added, entry.artifacts)
     for key, state in entry.random_after.items():
         restore(key, state, ctx)
