@@ -55,7 +55,8 @@ from typing import Any
 
 from .journal_key import changes, fingerprint
 from .plugins import SeedPlugin
-from .records import RecordError, run_from_record, run_to_json
+from .record_json import run_to_json
+from .records import RecordError, run_from_record
 from .run_result import RunResult
 from .sysinfo import utc_iso
 

@@ -28,7 +28,8 @@ from crystallize import (
     data_source,
     pipeline_step,
 )
-from crystallize.records import run_from_record, run_to_json, run_to_record
+from crystallize.record_json import run_to_json
+from crystallize.records import run_from_record, run_to_record
 
 
 def general(run: RunResult) -> str:
