@@ -161,3 +161,41 @@ def test_a_stale_ray_address_file_starts_a_local_ray_instead_of_hanging():
     assert report["errors"] == [] and report["double"] == [0, 2, 4, 6]
     assert "192.0.2.2:6379" in proc.stderr and "does not answer" in proc.stderr
     assert report["seconds"] < 90
+
+
+EXIT_DRIVER = """
+import os, sys
+from crystallize import Experiment, Pipeline, PipelineStep
+from crystallize_ray import RayExecution
+
+LOG = sys.argv[1]
+
+class Model(PipelineStep):
+    heavy = True
+
+    def setup(self, ctx):
+        with open(LOG, "a") as fh:
+            fh.write(f"setup {os.getpid()}\\n")
+
+    def teardown(self, ctx):
+        with open(LOG, "a") as fh:
+            fh.write(f"teardown {os.getpid()}\\n")
+
+    def __call__(self, data, ctx):
+        return data, {"y": data}
+
+result = Experiment(lambda ctx: 1.0, Pipeline([Model()]), plugins=[RayExecution()], name="exit").run(replicates=4)
+assert result.errors == [], result.errors
+# no shutdown(): the interpreter's exit must retire the pool
+"""
+
+
+def test_a_pool_is_torn_down_when_the_interpreter_exits(tmp_path):
+    log = tmp_path / "model.log"
+    proc = subprocess.run(
+        [sys.executable, "-c", EXIT_DRIVER, str(log)], capture_output=True, text=True, timeout=180, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [line.split() for line in log.read_text().splitlines()]
+    setups = [pid for what, pid in lines if what == "setup"]
+    assert len(setups) == 1 and [pid for what, pid in lines if what == "teardown"] == setups
