@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from typing import Any
 
@@ -67,6 +66,7 @@ from .hashing import hash_struct, hash_value
 from .randomness import PREFIX, source_name
 from .signing import CacheKeyError, cache_key
 from .stores import CacheStore, GuardedStore, capability, flight
+from .stores._warn import warn_once
 from .stores.flight import Flight
 
 __all__ = [
@@ -82,10 +82,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("crystallize.cache")
-
-#: Stores already told about entries of another format (said once per store and process).
-_OTHER_FORMAT_SEEN: set[str] = set()
-_OTHER_FORMAT_LOCK = threading.Lock()
 
 _ABSENT = "<absent>"
 _INDEX = ".reads"
@@ -350,15 +346,13 @@ class StepCache:
 
     def _discard(self, namespace: str, key: str, exc: Exception) -> None:
         if isinstance(exc, OtherFormatError):  # an upgrade, not damage: say it once, quietly
-            with _OTHER_FORMAT_LOCK:
-                first = repr(self.store) not in _OTHER_FORMAT_SEEN
-                _OTHER_FORMAT_SEEN.add(repr(self.store))
-            if first:
-                log.info(
-                    "Cache entries in %s were %s; each is recomputed and replaced when a run needs it.",
-                    self.store,
-                    exc,
-                )
+            warn_once(
+                ("other format", repr(self.store)),
+                "Cache entries in %s were %s; each is recomputed and replaced when a run needs it.",
+                self.store,
+                exc,
+                level=logging.INFO,
+            )
         else:
             log.warning("Cache entry %s is damaged (%s); recomputing it.", self.store.where(namespace, key), exc)
         self.store.delete(namespace, key)

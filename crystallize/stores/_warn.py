@@ -14,10 +14,10 @@ _warned: set[tuple[Any, ...]] = set()
 _warned_lock = threading.Lock()
 
 
-def warn_once(problem: tuple[Any, ...], message: str, *args: Any) -> None:
-    """Log ``message`` at WARNING the first time ``problem`` is met in this process."""
+def warn_once(problem: tuple[Any, ...], message: str, *args: Any, level: int = logging.WARNING) -> None:
+    """Log ``message`` (at WARNING, or ``level``) the first time ``problem`` is met in this process."""
     with _warned_lock:
         if problem in _warned:
             return
         _warned.add(problem)
-    log.warning(message, *args)
+    log.log(level, message, *args)
