@@ -321,14 +321,15 @@ class RayExecution(ExecutionBackend):
             options["max_calls"] = self.max_runs_per_worker
         # Resources are fixed once here; each task only adds its readable name.
         task = ray.remote(**options)(_worker.make_task(work))
-        slots = self._task_slots(ray, handles)
+        pools_used = list({id(h): h for h in handles.values()}.values())  # a step twice: one pool
+        slots = self._task_slots(ray, pools_used)
         sizer = _stream.BatchSizer(
             1 if one_per_task else self.batch_size,
             slots,
             overlap=overlap,
             total=len(plan),
             max_concurrency=self.max_concurrency,
-            overlap_cap=_pool_capacity(handles),
+            overlap_cap=_pool_capacity(pools_used),
         )
         try:
             yield from _stream.stream(
@@ -351,11 +352,10 @@ class RayExecution(ExecutionBackend):
         wanted = {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.resources}
         return {name: float(amount) for name, amount in wanted.items() if amount > 0}
 
-    def _task_slots(self, ray: Any, handles: Mapping[int, Any]) -> int:
+    def _task_slots(self, ray: Any, pools_used: Sequence[Any]) -> int:
         """How many tasks can run at once: the cluster's CPUs less the pools', per task."""
         cpus = float(ray.cluster_resources().get("CPU", 1))
-        held = {id(h): h for h in handles.values()}
-        cpus -= sum(len(h.actors) * h.cpus for h in held.values())
+        cpus -= sum(len(h.actors) * h.cpus for h in pools_used)
         return max(1, int(cpus // self.num_cpus) if self.num_cpus > 0 else int(cpus))
 
     def _warn_unused_overrides(self, job: Any) -> None:
@@ -377,10 +377,9 @@ class RayExecution(ExecutionBackend):
                 )
 
 
-def _pool_capacity(handles: Mapping[int, Any]) -> int | None:
+def _pool_capacity(pools_used: Sequence[Any]) -> int | None:
     """How many calls the narrowest pool takes at once (its actors, each with its bound)."""
-    pools = {id(h): h for h in handles.values()}.values()
-    return min((len(h.actors) * h.max_in_flight for h in pools), default=None)
+    return min((len(h.actors) * h.max_in_flight for h in pools_used), default=None)
 
 
 def _pool_overrides_valid(value: Any) -> bool:
