@@ -11,12 +11,12 @@ in a file, so process workers count too.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import sys
 
 import numpy as np
 import pytest
+from _counting import count_call, executions, start_counting
 
 from crystallize import (
     AsyncExecution,
@@ -30,23 +30,10 @@ from crystallize import (
     pipeline_step,
 )
 
-COUNTER_ENV = "CRYSTALLIZE_TEST_COUNTER"
-
 
 @pytest.fixture(autouse=True)
 def counter(tmp_path, monkeypatch):
-    path = tmp_path / "calls.txt"
-    monkeypatch.setenv(COUNTER_ENV, str(path))
-    return path
-
-
-def executions(path) -> int:
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-def count_call() -> None:
-    with open(os.environ[COUNTER_ENV], "a") as fh:
-        fh.write(f"{os.getpid()}\n")
+    return start_counting(tmp_path, monkeypatch)
 
 
 def draw(pattern: str, ctx) -> float:

@@ -17,6 +17,7 @@ import sys
 import threading
 
 import pytest
+from _counting import count_call, executions, start_counting
 
 from crystallize import (
     Experiment,
@@ -28,24 +29,12 @@ from crystallize import (
     pipeline_step,
 )
 
-COUNTER_ENV = "CRYSTALLIZE_TEST_COUNTER"
 THIS = sys.modules[__name__]
 
 
 @pytest.fixture(autouse=True)
 def counter(tmp_path, monkeypatch):
-    path = tmp_path / "calls.txt"
-    monkeypatch.setenv(COUNTER_ENV, str(path))
-    return path
-
-
-def executions(path) -> int:
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-def count_call() -> None:
-    with open(os.environ[COUNTER_ENV], "a") as fh:
-        fh.write("call\n")
+    return start_counting(tmp_path, monkeypatch)
 
 
 BACKENDS = {

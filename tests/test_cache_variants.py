@@ -8,9 +8,8 @@ match. Executions are counted in a file; store reads by a real store that counts
 
 from __future__ import annotations
 
-import os
-
 import pytest
+from _counting import count_call, executions, start_counting
 
 from crystallize import (
     Experiment,
@@ -23,23 +22,10 @@ from crystallize import (
 )
 from crystallize.cache import MAX_KEY_SETS
 
-COUNTER_ENV = "CRYSTALLIZE_TEST_COUNTER"
-
 
 @pytest.fixture(autouse=True)
 def counter(tmp_path, monkeypatch):
-    path = tmp_path / "calls.txt"
-    monkeypatch.setenv(COUNTER_ENV, str(path))
-    return path
-
-
-def executions(path) -> int:
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-def count_call() -> None:
-    with open(os.environ[COUNTER_ENV], "a") as fh:
-        fh.write("call\n")
+    return start_counting(tmp_path, monkeypatch)
 
 
 class CountingStore(LocalCacheStore):

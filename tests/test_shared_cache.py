@@ -18,6 +18,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from _counting import count_call, executions, start_counting
 
 from crystallize import Experiment, FrozenContext, Pipeline, UrlStore, pipeline_step
 from crystallize.entries import BLOBS, MAGIC, decode_entry, read_header
@@ -25,26 +26,14 @@ from crystallize.signing import MAC_SIZE, cache_key, key_from_text, sign
 from crystallize.stores import LocalCacheStore, open_store
 
 ROOT = Path(__file__).resolve().parents[1]
-COUNTER_ENV = "CRYSTALLIZE_TEST_COUNTER"
 
 
 @pytest.fixture(autouse=True)
 def counter(tmp_path, monkeypatch):
-    path = tmp_path / "calls.txt"
-    monkeypatch.setenv(COUNTER_ENV, str(path))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     monkeypatch.delenv("CRYSTALLIZE_CACHE_DIR", raising=False)
     monkeypatch.delenv("CRYSTALLIZE_CACHE_URL", raising=False)
-    return path
-
-
-def calls(path: Path) -> int:
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-def count_call() -> None:
-    with open(os.environ[COUNTER_ENV], "a") as fh:
-        fh.write(f"{os.getpid()}\n")
+    return start_counting(tmp_path, monkeypatch)
 
 
 @pipeline_step(cacheable=True)
@@ -76,7 +65,7 @@ def statuses(result) -> list[list[str]]:
 def test_a_url_cache_keeps_signed_manifests_and_content_addressed_blobs(s3_bucket, counter):
     url = f"s3://{s3_bucket}/team/cache"
     first = experiment(url).run()
-    assert first.errors == [] and calls(counter) == 2
+    assert first.errors == [] and executions(counter) == 2
     assert statuses(first) == [["miss", "miss"], ["hit", "hit"], ["hit", "hit"]]
     stored = objects(s3_bucket)
     record = first.runs[0].provenance[0]
@@ -90,7 +79,7 @@ def test_a_url_cache_keeps_signed_manifests_and_content_addressed_blobs(s3_bucke
     assert header["step"] == "featurize" and header["blob"] == blob.rsplit("/", 1)[1]
     # Another experiment with the same cache URL (and a fresh local copy) hits.
     again = experiment(UrlStore(url, local_dir=Path("other-local"))).run()
-    assert statuses(again) == [["hit", "hit"]] * 3 and calls(counter) == 2
+    assert statuses(again) == [["hit", "hit"]] * 3 and executions(counter) == 2
     assert again.metrics.baseline.metrics == first.metrics.baseline.metrics
 
 
@@ -158,7 +147,7 @@ def test_two_drivers_in_different_directories_share_one_bucket(s3_bucket, counte
     first, second = reports
     assert first["cache"] == ["miss", "hit", "hit", "hit"]
     assert second["cache"] == ["hit"] * 4  # the second driver computed nothing
-    assert calls(counter) == 1
+    assert executions(counter) == 1
     # Each driver read through its own working directory's local copy.
     assert first["cwd"] != second["cwd"]
     for name in ("laptop", "cluster-node"):
@@ -215,7 +204,7 @@ def test_concurrent_writers_of_one_key_on_s3_leave_one_valid_manifest(s3_bucket,
     gate.touch()
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
-    assert calls(counter) >= 2  # they raced
+    assert executions(counter) >= 2  # they raced
     stored = objects(s3_bucket)
     manifests = [
         p
@@ -229,12 +218,12 @@ def test_concurrent_writers_of_one_key_on_s3_leave_one_valid_manifest(s3_bucket,
     try:
         import shared_steps
 
-        before = calls(counter)
+        before = executions(counter)
         Pipeline([shared_steps.heavy()]).run(list(range(64)), ctx, cache=f"s3://{s3_bucket}/race")
     finally:
         sys.path.remove(str(tmp_path / "mods"))
         sys.modules.pop("shared_steps", None)
-    assert ctx.provenance[0].cache == "hit" and calls(counter) == before
+    assert ctx.provenance[0].cache == "hit" and executions(counter) == before
 
 
 def test_a_deleted_blob_is_a_miss_and_is_repaired(s3_bucket, counter, caplog):
@@ -246,7 +235,7 @@ def test_a_deleted_blob_is_a_miss_and_is_repaired(s3_bucket, counter, caplog):
     with caplog.at_level(logging.WARNING, logger="crystallize"):
         result = experiment(UrlStore(url, local_dir=False), 2).run()
     assert statuses(result) == [["miss", "hit"], ["hit", "hit"]]
-    assert calls(counter) == 3
+    assert executions(counter) == 3
     assert "which is missing; recomputing it" in caplog.text
     assert blob in objects(s3_bucket)  # stored again
     assert statuses(experiment(UrlStore(url, local_dir=False), 1).run()) == [["hit", "hit"]]

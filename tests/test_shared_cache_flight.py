@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _counting import count_call, executions, start_counting
 
 from crystallize import (
     AsyncExecution,
@@ -28,30 +29,14 @@ from crystallize import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-COUNTER_ENV = "CRYSTALLIZE_TEST_COUNTER"
 RUNS = 16
 
 
 @pytest.fixture(autouse=True)
 def counter(tmp_path, monkeypatch):
-    path = tmp_path / "calls.txt"
-    monkeypatch.setenv(COUNTER_ENV, str(path))
     monkeypatch.setenv("CRYSTALLIZE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("CRYSTALLIZE_CACHE_URL", raising=False)
-    return path
-
-
-def calls(path: Path) -> int:
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-def count_call() -> int:
-    """Record one execution; return how many there were before it."""
-    path = os.environ[COUNTER_ENV]
-    before = calls(Path(path))
-    with open(path, "a") as fh:
-        fh.write(f"{os.getpid()}\n")
-    return before
+    return start_counting(tmp_path, monkeypatch)
 
 
 @pipeline_step(cacheable=True)
@@ -85,7 +70,7 @@ def check_computed_once(result, counter) -> None:
     assert result.errors == []
     assert result.metrics.baseline.metrics == {"total": [12] * RUNS}
     records = [run.provenance[0] for run in result.runs]
-    assert calls(counter) == 1
+    assert executions(counter) == 1
     assert sorted(r.cache for r in records) == ["hit"] * (RUNS - 1) + ["miss"]
     waited = [r for r in records if r.waited > 0]
     assert waited and all(r.cache == "hit" for r in waited)  # they waited, then reused it
@@ -114,13 +99,13 @@ def test_without_single_flight_every_worker_computes(counter, monkeypatch):
     # The control: the same sweep with waiting turned off really does race.
     monkeypatch.setenv("CRYSTALLIZE_CACHE_MAX_WAIT", "0")
     result = sweep(expensive(), BACKENDS["thread"]()).run()
-    assert result.errors == [] and calls(counter) >= 2
+    assert result.errors == [] and executions(counter) >= 2
 
 
 def test_a_holder_that_fails_lets_a_waiter_compute(counter):
     result = sweep(fails_first(), ParallelExecution(max_workers=4, executor_type="thread"), runs=4).run()
     assert len(result.errors) == 1 and result.errors[0].type == "RuntimeError"
-    assert calls(counter) == 2  # the failure, then one waiter that took the lease over
+    assert executions(counter) == 2  # the failure, then one waiter that took the lease over
     statuses = sorted(run.provenance[0].cache for run in result.runs if run.error is None)
     assert statuses == ["hit", "hit", "miss"]
 
@@ -136,7 +121,7 @@ def test_waiting_is_bounded(counter, monkeypatch, caplog):
 
     with caplog.at_level(logging.WARNING, logger="crystallize"):
         result = sweep(very_slow(), ParallelExecution(max_workers=2, executor_type="thread"), runs=2).run()
-    assert result.errors == [] and calls(counter) == 2
+    assert result.errors == [] and executions(counter) == 2
     waiter = max((run.provenance[0] for run in result.runs), key=lambda r: r.waited)
     assert waiter.cache == "miss" and 0.25 < waiter.waited < 1.5
     assert "computing it here instead" in caplog.text
@@ -209,7 +194,7 @@ def test_the_lease_of_a_killed_holder_lapses_and_a_waiter_computes(flight_steps,
     record = result.runs[0].provenance[0]
     assert result.errors == [] and record.cache == "miss"
     assert 0 < record.waited < 5  # waited for the lease to lapse (1 s), not for the step (60 s)
-    assert calls(counter) == 2
+    assert executions(counter) == 2
 
 
 DRIVER = """\
@@ -261,7 +246,7 @@ def test_jobs_sharing_a_bucket_compute_a_missing_entry_once(flight_steps, s3_buc
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
     reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
-    assert calls(counter) == 1
+    assert executions(counter) == 1
     assert sorted(r["cache"] for r in reports) == ["hit", "hit", "miss"]
     # A job slow to start (a loaded machine) may find the entry already stored and hit
     # without waiting; at least one of the two released with the computing job waited.

@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from pathlib import Path
 
 import fsspec
 import pytest
+from _counting import count_call, executions, start_counting
 
 from crystallize import (
     Experiment,
@@ -23,26 +23,17 @@ from crystallize import (
 )
 from crystallize.stores import FsspecStore
 
-COUNTER_ENV = "CRYSTALLIZE_TEST_COUNTER"
-
 
 @pytest.fixture(autouse=True)
 def counter(tmp_path, monkeypatch):
-    path = tmp_path / "calls.txt"
-    monkeypatch.setenv(COUNTER_ENV, str(path))
     monkeypatch.delenv("CRYSTALLIZE_CACHE_DIR", raising=False)
     monkeypatch.delenv("CRYSTALLIZE_CACHE_URL", raising=False)
-    return path
-
-
-def calls(path: Path) -> int:
-    return len(path.read_text().splitlines()) if path.exists() else 0
+    return start_counting(tmp_path, monkeypatch)
 
 
 @pipeline_step(cacheable=True)
 def embed(data):
-    with open(os.environ[COUNTER_ENV], "a") as fh:
-        fh.write("call\n")
+    count_call()
     return bytes(300_000), {"n": len(data)}
 
 
@@ -71,7 +62,7 @@ def test_a_node_reads_a_remote_entry_once_then_from_its_disk(s3_bucket, counter,
     assert run(UrlStore(url, local_dir=tmp_path / "node-a")) == ["miss", "hit"]
     remote = CountingRemote(url)
     node_b = ReadThroughStore(remote, tmp_path / "node-b")
-    assert run(node_b) == ["hit", "hit"] and calls(counter) == 1
+    assert run(node_b) == ["hit", "hit"] and executions(counter) == 1
     assert remote.gets == 2  # the manifest and the blob, once each
     assert run(node_b, replicates=5) == ["hit"] * 5 and remote.gets == 2
     # The bucket can even go away: node B has what it needs.
