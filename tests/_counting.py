@@ -3,7 +3,8 @@
 A test points ``CRYSTALLIZE_TEST_COUNTER`` at a file (:func:`start_counting`, from an
 autouse fixture); a step calls :func:`count_call`, which appends one line with its
 process id, so executions in process pools and Ray workers count too; the test reads
-the count back with :func:`executions`.
+the count back with :func:`executions`. :class:`Lifecycle` logs a step's set-ups,
+tear-downs and calls the same way.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
+
+from crystallize import PipelineStep
 
 COUNTER_ENV = "CRYSTALLIZE_TEST_COUNTER"
 
@@ -34,3 +37,24 @@ def count_call() -> int:
     with open(path, "a") as fh:
         fh.write(f"{os.getpid()}\n")
     return before
+
+
+class Lifecycle(PipelineStep):
+    """Logs setup, teardown and calls, one ``what pid`` line each, to the file ``log``."""
+
+    def __init__(self, log: str) -> None:
+        self.log = log
+
+    def _note(self, what: str) -> None:
+        with open(self.log, "a") as fh:
+            fh.write(f"{what} {os.getpid()}\n")
+
+    def setup(self, ctx):
+        self._note("setup")
+
+    def teardown(self, ctx):
+        self._note("teardown")
+
+    def __call__(self, data, ctx):
+        self._note("call")
+        return data

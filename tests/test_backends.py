@@ -9,6 +9,7 @@ import threading
 from collections import Counter
 
 import pytest
+from _counting import Lifecycle
 
 from crystallize import (
     AsyncExecution,
@@ -125,27 +126,6 @@ class LockedStep(PipelineStep):
     def __call__(self, data, ctx):
         with open(self.marker, "a") as fh:
             fh.write("ran\n")
-        return data
-
-
-class Lifecycle(PipelineStep):
-    """Logs setup, teardown and calls with the pid of the process doing them."""
-
-    def __init__(self, log: str) -> None:
-        self.log = log
-
-    def _note(self, what: str) -> None:
-        with open(self.log, "a") as fh:
-            fh.write(f"{what} {os.getpid()}\n")
-
-    def setup(self, ctx):
-        self._note("setup")
-
-    def teardown(self, ctx):
-        self._note("teardown")
-
-    def __call__(self, data, ctx):
-        self._note("call")
         return data
 
 

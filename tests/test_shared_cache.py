@@ -19,6 +19,7 @@ from pathlib import Path
 import fsspec
 import pytest
 from _counting import count_call, executions, start_counting
+from _processes import run_released_together
 
 from crystallize import Experiment, FrozenContext, Pipeline, UrlStore, pipeline_step
 from crystallize.entries import BLOBS, MAGIC, decode_entry, read_header
@@ -184,26 +185,8 @@ def test_concurrent_writers_of_one_key_on_s3_leave_one_valid_manifest(s3_bucket,
         "GATE": str(gate),
         "CRYSTALLIZE_CACHE_MAX_WAIT": "0",
     }  # no single flight: the writers really race
-    procs = []
-    for i in range(6):
-        (tmp_path / f"w{i}").mkdir()
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-c", WRITER, str(tmp_path / "mods")],
-                cwd=tmp_path / f"w{i}",
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    deadline = time.monotonic() + 60
-    while len(list(ready.iterdir())) < len(procs):
-        assert time.monotonic() < deadline, "writers did not start"
-        time.sleep(0.01)
-    gate.touch()
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    command = [sys.executable, "-c", WRITER, str(tmp_path / "mods")]
+    run_released_together(command, [tmp_path / f"w{i}" for i in range(6)], env, ready, gate, what="writers")
     assert executions(counter) >= 2  # they raced
     stored = objects(s3_bucket)
     manifests = [

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from _counting import count_call, executions, start_counting
+from _processes import run_released_together
 
 from crystallize import (
     AsyncExecution,
@@ -225,27 +226,9 @@ def test_jobs_sharing_a_bucket_compute_a_missing_entry_once(flight_steps, s3_buc
         "INSIDE": str(tmp_path / "inside"),
     }
     env.pop("CRYSTALLIZE_CACHE_DIR")  # each job reads through its own ./.cache
-    procs = []
-    for i in range(3):
-        (tmp_path / f"job{i}").mkdir()
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-c", DRIVER, str(mods)],
-                cwd=tmp_path / f"job{i}",
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    deadline = time.monotonic() + 60
-    while len(list(ready.iterdir())) < len(procs):
-        assert time.monotonic() < deadline, "the jobs did not start"
-        time.sleep(0.01)
-    gate.touch()
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
-    reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    command = [sys.executable, "-c", DRIVER, str(mods)]
+    outs = run_released_together(command, [tmp_path / f"job{i}" for i in range(3)], env, ready, gate, what="jobs")
+    reports = [json.loads(out.strip().splitlines()[-1]) for out in outs]
     assert executions(counter) == 1
     assert sorted(r["cache"] for r in reports) == ["hit", "hit", "miss"]
     # A job slow to start (a loaded machine) may find the entry already stored and hit

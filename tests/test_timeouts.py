@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _counting import Lifecycle
 
 from crystallize import (
     AsyncExecution,
@@ -223,28 +224,7 @@ def test_workers_are_replaced_every_max_runs_per_worker_runs_so_a_leak_stays_bou
 
 
 def test_recycled_workers_set_up_and_tear_down_their_steps(tmp_path):
-    from crystallize import PipelineStep
-
     log = tmp_path / "life.txt"
-
-    class Lifecycle(PipelineStep):
-        def __init__(self, path: str) -> None:
-            self.path = path
-
-        def _note(self, what: str) -> None:
-            with open(self.path, "a") as fh:
-                fh.write(f"{what} {os.getpid()}\n")
-
-        def setup(self, ctx):
-            self._note("setup")
-
-        def teardown(self, ctx):
-            self._note("teardown")
-
-        def __call__(self, data, ctx):
-            self._note("call")
-            return data
-
     Experiment(
         lambda ctx: None,
         [Lifecycle(str(log))],
