@@ -50,7 +50,6 @@ import sys
 import sysconfig
 import textwrap
 import types
-import warnings
 import weakref
 from pathlib import Path
 from typing import Any
@@ -227,14 +226,18 @@ class _Walker:
         for chain in sorted(chains):
             found: Any = module
             for depth, attr in enumerate(chain):
-                with warnings.catch_warnings():  # a deprecated attribute warns on access: not the user's doing
-                    warnings.simplefilter("ignore")
-                    found = getattr(found, attr, _ABSENT)
+                found = getattr(found, attr, _ABSENT)
                 if found is _ABSENT:
                     break
-                if not isinstance(found, types.ModuleType):
-                    self._value(f"{ref}.{'.'.join(chain[: depth + 1])}", found)
-                    break
+                if isinstance(found, types.ModuleType):
+                    if not _is_user_file(getattr(found, "__file__", None) or "<frozen>"):
+                        # A library module reached through a user one (``helpers.np.x``):
+                        # not followed, as when the step names it directly. Its attributes
+                        # may warn on access (numpy's ``np.object``): never the user's doing.
+                        break
+                    continue
+                self._value(f"{ref}.{'.'.join(chain[: depth + 1])}", found)
+                break
 
     def _imported(self, owner: str, fn: types.FunctionType, name: str, attrs: Any) -> None:
         """Follow ``from name import attrs`` (or ``import name``) inside a function."""
